@@ -158,7 +158,6 @@ class DallETokenizer(ImageTokenizer):
         self.seed = seed
         self.encoder = DallEEncoder(n_hid, n_blk_per_group, vocab_size)
         self.decoder = DallEDecoder(n_init, n_hid, n_blk_per_group, vocab_size)
-        self.has_weights = False
         self.reload_weights()
 
     def reload_weights(self) -> None:
@@ -168,7 +167,6 @@ class DallETokenizer(ImageTokenizer):
             encoder_path, decoder_path = resolve_dall_e_weights(self.weights)
             self.encoder.load_state_dict(load_file(encoder_path), strict=True)
             self.decoder.load_state_dict(load_file(decoder_path), strict=True)
-            self.has_weights = True
         elif self.random_init:
             # A seeded re-initialisation, so a random tokenizer is the same after save / from_pretrained.
             rng = torch.Generator().manual_seed(self.seed)
@@ -180,7 +178,7 @@ class DallETokenizer(ImageTokenizer):
         self.freeze()
 
     def _check_ready(self) -> None:
-        if not self.has_weights and not self.random_init:
+        if self.weights is None and not self.random_init:
             raise RuntimeError(
                 "The DALL-E tokenizer has no weights. Convert OpenAI's encoder.pkl/decoder.pkl once with "
                 "`python conversion/convert_dall_e.py --encoder encoder.pkl --decoder decoder.pkl --out DIR` "

@@ -1,0 +1,23 @@
+"""Test-wide settings: offline Hub, private caches, few threads, and the tiny CIM configs."""
+
+import os
+import tempfile
+
+# huggingface_hub reads these at import time, so they are set before timm or transformers load.
+_CACHE = tempfile.mkdtemp(prefix="cim-tests-hf-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", _CACHE)
+os.environ.setdefault("HF_HUB_CACHE", os.path.join(_CACHE, "hub"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def make_tiny_model():
+    from tests.tiny import tiny_model
+
+    return tiny_model

@@ -1,0 +1,167 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cim_models import CIMConfig, CIMForPreTraining
+from cim_models.tokenizers import unmap_pixels
+from tests.tiny import tiny_batch, tiny_config
+
+COMBINATIONS = [(objective, enhancer) for objective in ("respix", "revdet") for enhancer in ("vit", "resnet")]
+
+
+@pytest.mark.parametrize("objective,enhancer", COMBINATIONS)
+def test_loss_goes_down_on_a_fixed_batch(make_tiny_model, objective, enhancer):
+    model = make_tiny_model(objective, enhancer)
+    batch = tiny_batch(model, batch_size=8)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-3)
+    torch.manual_seed(0)
+    first = model(**batch)
+    losses = []
+    for _ in range(15):
+        output = model(**batch)
+        output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(output.loss.item())
+    assert sum(losses[-3:]) / 3 < 0.85 * first.loss.item()
+    if objective == "respix":  # RevDet's labels move with the generator; ResPix's target is fixed
+        assert output.enhancer_loss.item() < first.enhancer_loss.item()
+
+
+@pytest.mark.parametrize("objective,enhancer", COMBINATIONS)
+def test_output_fields(make_tiny_model, objective, enhancer):
+    model = make_tiny_model(objective, enhancer)
+    output = model(**tiny_batch(model))
+    torch.testing.assert_close(
+        output.loss, output.generator_loss + model.config.enhancer_loss_weight * output.enhancer_loss
+    )
+    assert output.corrupted_pixel_values.shape == (4, 3, 64, 64)
+    assert 0 <= output.generator_accuracy <= 1 and 0 <= output.replaced_fraction <= 1
+    expected = (4, 3, 64, 64) if objective == "respix" else (4, 4, 4)
+    assert output.logits.shape == expected
+    assert (output.revdet_accuracy is None) == (objective == "respix")
+
+
+def test_unmasked_tokens_survive_and_replaced_mask_matches_masked_changes(make_tiny_model):
+    model = make_tiny_model("revdet")
+    batch = tiny_batch(model)
+    output = model(**batch)
+    assert not output.replaced_mask[~batch["bool_masked_pos"]].any()
+    # Only masked tokens can change: re-encoding the corrupted image at unmasked cells gives the originals,
+    # since the palette decoder paints each cell independently.
+    original_ids = model.tokenizer.encode(batch["tokenizer_pixel_values"])
+    reencoded = model.tokenizer.encode(
+        torch.nn.functional.interpolate(output.corrupted_pixel_values, size=32, mode="area")
+    )
+    unmasked = ~batch["bool_masked_pos"]
+    assert torch.equal(reencoded[unmasked], original_ids[unmasked])
+
+
+def test_masks_and_samples_differ_per_sample(make_tiny_model):
+    model = make_tiny_model("revdet")
+    batch = tiny_batch(model, batch_size=6)
+    masks = batch["bool_masked_pos"].flatten(1)
+    assert len({tuple(m.tolist()) for m in masks}) > 1
+    same = tiny_batch(model, batch_size=1)
+    same = {k: v.expand(6, *v.shape[1:]) for k, v in same.items()}
+    corrupted = model(**same).corrupted_pixel_values
+    assert not torch.equal(corrupted[0], corrupted[1])  # same image and mask, own draws
+
+
+def test_dall_e_corruption_is_sigmoid_then_unmap_of_the_decoder(make_tiny_model):
+    model = make_tiny_model("respix", tokenizer="dall-e", sampling_temperature=0.0)
+    batch = tiny_batch(model)
+    output = model(**batch)
+    # With temperature 0 the corrupted grid is deterministic: rebuild the decoder's image by hand.
+    mask = batch["bool_masked_pos"].flatten(1)
+    ids = model.tokenizer.encode(batch["tokenizer_pixel_values"]).flatten(1)
+    logits = model.generator(batch["pixel_values"], mask)
+    ids[mask] = logits.argmax(-1)
+    one_hot = torch.nn.functional.one_hot(ids.view(4, 4, 4), 512).permute(0, 3, 1, 2).float()
+    decoded = unmap_pixels(torch.sigmoid(model.tokenizer.decoder(one_hot)[:, :3]))
+    expected = torch.nn.functional.interpolate(decoded, size=64, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(output.corrupted_pixel_values, expected.clamp(0, 1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("objective", ["respix", "revdet"])
+def test_no_gradient_reaches_generator_from_enhancer_or_tokenizer_at_all(make_tiny_model, objective):
+    model = make_tiny_model(objective, tokenizer="dall-e")
+    output = model(**tiny_batch(model))
+    output.enhancer_loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.generator.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.enhancer.parameters())
+    assert all(p.grad is None for p in model.tokenizer.parameters())
+    assert not any(p.requires_grad for p in model.tokenizer.parameters())
+
+
+def test_generator_loss_trains_only_the_generator(make_tiny_model):
+    model = make_tiny_model("respix")
+    output = model(**tiny_batch(model))
+    output.generator_loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.generator.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.enhancer.parameters())
+
+
+def test_save_and_from_pretrained_round_trip_without_tokenizer_weights(make_tiny_model, tmp_path):
+    model = make_tiny_model("revdet", tokenizer="dall-e")
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert not any(k.startswith("tokenizer.") for k in saved)
+    assert any(k.startswith("generator.") for k in saved) and any(k.startswith("enhancer.") for k in saved)
+    reloaded = CIMForPreTraining.from_pretrained(tmp_path).eval()
+    model.eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[key]), key
+    torch.testing.assert_close(reloaded.image_std, model.image_std)
+    batch = tiny_batch(model)
+    torch.manual_seed(1)
+    a = model(**batch)
+    torch.manual_seed(1)
+    b = reloaded(**batch)
+    torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_tokenizer_weights_saved_when_asked(make_tiny_model, tmp_path):
+    model = make_tiny_model(tokenizer="dall-e", save_tokenizer_weights=True)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(saved["tokenizer.encoder.blocks.input.w"], model.tokenizer.encoder.blocks.input.w)
+
+
+def test_tokenizer_stays_out_of_trainable_parameters(make_tiny_model):
+    model = make_tiny_model(tokenizer="dall-e")
+    model.train()
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert not trainable & {id(p) for p in model.tokenizer.parameters()}
+    assert not model.tokenizer.training
+
+
+def test_generator_width_follows_the_enhancer(make_tiny_model):
+    model = make_tiny_model("respix", generator_hidden_size=None, generator_num_attention_heads=None)
+    assert model.config.generator_hidden_size == 64 == model.generator.embed_dim
+    assert model.config.generator_num_attention_heads == 1
+
+
+def test_bad_inputs_get_clear_errors(make_tiny_model):
+    model = make_tiny_model()
+    batch = tiny_batch(model)
+    with pytest.raises(ValueError, match="image_size is 64"):
+        model(**{**batch, "pixel_values": torch.randn(4, 3, 96, 96)})
+    with pytest.raises(ValueError, match="grayscale"):
+        model(**{**batch, "pixel_values": torch.randn(4, 1, 64, 64)})
+    with pytest.raises(ValueError, match=r"tokenizer_pixel_values must be \(B, 3, 32, 32\)"):
+        model(**{**batch, "tokenizer_pixel_values": torch.rand(4, 3, 64, 64)})
+    with pytest.raises(ValueError, match="bool_masked_pos"):
+        model(**{**batch, "bool_masked_pos": torch.zeros(4, 5, 5, dtype=torch.bool)})
+
+
+def test_bad_configs_get_clear_errors():
+    with pytest.raises(ValueError, match="Unknown objective 'mae'"):
+        CIMConfig(objective="mae")
+    with pytest.raises(ValueError, match="Unknown enhancer 'not_a_model'"):
+        CIMForPreTraining(CIMConfig(enhancer="not_a_model", tokenizer="palette"))
+    with pytest.raises(ValueError, match="num_mask_patches"):
+        CIMConfig(image_size=64, num_mask_patches=20)
+    with pytest.raises(ValueError, match="token grid"):
+        CIMForPreTraining(tiny_config("revdet", enhancer_kwargs=dict(depth=1, embed_dim=32, num_heads=1, patch_size=8)))
