@@ -1,0 +1,464 @@
+"""conversion/convert_dall_e.py: OpenAI-style module pickles in, checked safetensors out, payloads refused.
+
+The tests write a fake ``dall_e`` package with OpenAI's module paths, class names and attribute names
+(without ``attrs``), pickle whole modules with ``torch.save`` in the legacy and the zip format, and then
+remove the package from ``sys.modules`` and ``sys.path`` before converting: the converter must not need it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from cim_models.tokenizers.dall_e import DallEDecoder, DallEEncoder, DallETokenizer, map_pixels
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "conversion" / "convert_dall_e.py"
+ARCH = {"n_hid": 16, "n_blk_per_group": 1, "vocab_size": 512, "n_init": 32}
+
+
+def _load_script():
+    # conversion/ is a folder of scripts, not a package: import the file by path.
+    spec = importlib.util.spec_from_file_location("convert_dall_e", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+convert_dall_e = _load_script()
+
+
+# OpenAI's dall_e 0.1 code, minus attrs and the input checks: same module paths, class names,
+# attribute names and layer order, so torch.save writes the same globals and state-dict keys.
+FAKE_DALL_E = {
+    "__init__.py": "",
+    "utils.py": """
+        import math
+        import torch
+        import torch.nn as nn
+        import torch.nn.functional as F
+
+        class Conv2d(nn.Module):
+            def __init__(self, n_in, n_out, kw, use_float16=True, device=torch.device("cpu"),
+                         requires_grad=False):
+                super().__init__()
+                self.n_in, self.n_out, self.kw = n_in, n_out, kw
+                self.use_float16, self.device, self.requires_grad = use_float16, device, requires_grad
+                w = torch.empty((n_out, n_in, kw, kw), dtype=torch.float32)
+                w.normal_(std=1 / math.sqrt(n_in * kw**2))
+                b = torch.zeros((n_out,), dtype=torch.float32)
+                self.w, self.b = nn.Parameter(w), nn.Parameter(b)
+
+            def forward(self, x):
+                return F.conv2d(x.float(), self.w, self.b, padding=(self.kw - 1) // 2)
+    """,
+    "encoder.py": """
+        from collections import OrderedDict
+        from functools import partial
+        import torch
+        import torch.nn as nn
+        from dall_e.utils import Conv2d
+
+        class EncoderBlock(nn.Module):
+            def __init__(self, n_in, n_out, n_layers, device=None, requires_grad=False):
+                super().__init__()
+                self.n_in, self.n_out, self.n_layers = n_in, n_out, n_layers
+                self.device, self.requires_grad = device, requires_grad
+                self.n_hid = n_out // 4
+                self.post_gain = 1 / (n_layers**2)
+                make_conv = partial(Conv2d, device=device, requires_grad=requires_grad)
+                self.id_path = make_conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+                self.res_path = nn.Sequential(OrderedDict([
+                    ("relu_1", nn.ReLU()), ("conv_1", make_conv(n_in, self.n_hid, 3)),
+                    ("relu_2", nn.ReLU()), ("conv_2", make_conv(self.n_hid, self.n_hid, 3)),
+                    ("relu_3", nn.ReLU()), ("conv_3", make_conv(self.n_hid, self.n_hid, 3)),
+                    ("relu_4", nn.ReLU()), ("conv_4", make_conv(self.n_hid, n_out, 1)),
+                ]))
+
+            def forward(self, x):
+                return self.id_path(x) + self.post_gain * self.res_path(x)
+
+        class Encoder(nn.Module):
+            group_count = 4
+
+            def __init__(self, n_hid=256, n_blk_per_group=2, input_channels=3, vocab_size=8192,
+                         device=torch.device("cpu"), requires_grad=False, use_mixed_precision=True):
+                super().__init__()
+                self.n_hid, self.n_blk_per_group = n_hid, n_blk_per_group
+                self.input_channels, self.vocab_size = input_channels, vocab_size
+                self.device, self.requires_grad = device, requires_grad
+                self.use_mixed_precision = use_mixed_precision
+                blk_range = range(n_blk_per_group)
+                n_layers = self.group_count * n_blk_per_group
+                make_conv = partial(Conv2d, device=device, requires_grad=requires_grad)
+                make_blk = partial(EncoderBlock, n_layers=n_layers, device=device,
+                                   requires_grad=requires_grad)
+
+                def group(n_in, n_out, pool):
+                    layers = [(f"block_{i + 1}", make_blk(n_in if i == 0 else n_out, n_out))
+                              for i in blk_range]
+                    if pool:
+                        layers.append(("pool", nn.MaxPool2d(kernel_size=2)))
+                    return nn.Sequential(OrderedDict(layers))
+
+                self.blocks = nn.Sequential(OrderedDict([
+                    ("input", make_conv(input_channels, 1 * n_hid, 7)),
+                    ("group_1", group(1 * n_hid, 1 * n_hid, True)),
+                    ("group_2", group(1 * n_hid, 2 * n_hid, True)),
+                    ("group_3", group(2 * n_hid, 4 * n_hid, True)),
+                    ("group_4", group(4 * n_hid, 8 * n_hid, False)),
+                    ("output", nn.Sequential(OrderedDict([
+                        ("relu", nn.ReLU()),
+                        ("conv", make_conv(8 * n_hid, vocab_size, 1, use_float16=False)),
+                    ]))),
+                ]))
+
+            def forward(self, x):
+                return self.blocks(x)
+    """,
+    "decoder.py": """
+        from collections import OrderedDict
+        from functools import partial
+        import torch
+        import torch.nn as nn
+        from dall_e.utils import Conv2d
+
+        class DecoderBlock(nn.Module):
+            def __init__(self, n_in, n_out, n_layers, device=None, requires_grad=False):
+                super().__init__()
+                self.n_in, self.n_out, self.n_layers = n_in, n_out, n_layers
+                self.device, self.requires_grad = device, requires_grad
+                self.n_hid = n_out // 4
+                self.post_gain = 1 / (n_layers**2)
+                make_conv = partial(Conv2d, device=device, requires_grad=requires_grad)
+                self.id_path = make_conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+                self.res_path = nn.Sequential(OrderedDict([
+                    ("relu_1", nn.ReLU()), ("conv_1", make_conv(n_in, self.n_hid, 1)),
+                    ("relu_2", nn.ReLU()), ("conv_2", make_conv(self.n_hid, self.n_hid, 3)),
+                    ("relu_3", nn.ReLU()), ("conv_3", make_conv(self.n_hid, self.n_hid, 3)),
+                    ("relu_4", nn.ReLU()), ("conv_4", make_conv(self.n_hid, n_out, 3)),
+                ]))
+
+            def forward(self, x):
+                return self.id_path(x) + self.post_gain * self.res_path(x)
+
+        class Decoder(nn.Module):
+            group_count = 4
+
+            def __init__(self, n_init=128, n_hid=256, n_blk_per_group=2, output_channels=3,
+                         vocab_size=8192, device=torch.device("cpu"), requires_grad=False,
+                         use_mixed_precision=True):
+                super().__init__()
+                self.n_init, self.n_hid, self.n_blk_per_group = n_init, n_hid, n_blk_per_group
+                self.output_channels, self.vocab_size = output_channels, vocab_size
+                self.device, self.requires_grad = device, requires_grad
+                self.use_mixed_precision = use_mixed_precision
+                blk_range = range(n_blk_per_group)
+                n_layers = self.group_count * n_blk_per_group
+                make_conv = partial(Conv2d, device=device, requires_grad=requires_grad)
+                make_blk = partial(DecoderBlock, n_layers=n_layers, device=device,
+                                   requires_grad=requires_grad)
+
+                def group(n_in, n_out, upsample):
+                    layers = [(f"block_{i + 1}", make_blk(n_in if i == 0 else n_out, n_out))
+                              for i in blk_range]
+                    if upsample:
+                        layers.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
+                    return nn.Sequential(OrderedDict(layers))
+
+                self.blocks = nn.Sequential(OrderedDict([
+                    ("input", make_conv(vocab_size, n_init, 1, use_float16=False)),
+                    ("group_1", group(n_init, 8 * n_hid, True)),
+                    ("group_2", group(8 * n_hid, 4 * n_hid, True)),
+                    ("group_3", group(4 * n_hid, 2 * n_hid, True)),
+                    ("group_4", group(2 * n_hid, 1 * n_hid, False)),
+                    ("output", nn.Sequential(OrderedDict([
+                        ("relu", nn.ReLU()),
+                        ("conv", make_conv(1 * n_hid, 2 * output_channels, 1)),
+                    ]))),
+                ]))
+
+            def forward(self, x):
+                return self.blocks(x)
+    """,
+}
+
+
+class Payload:
+    """What a trojaned pickle carries: unpickling it calls ``function(*args)``."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@dataclass
+class Pickles:
+    folder: Path
+    images: torch.Tensor  # (2, 3, 112, 112) in [0, 1]
+    ref_ids: torch.Tensor  # the fake encoder's argmax on them
+    ref_decoded: torch.Tensor  # the fake decoder's reconstruction of ref_ids
+    pwned: Path  # the file every payload tries to create
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+
+@pytest.fixture(scope="module")
+def pickles(tmp_path_factory) -> Pickles:
+    """OpenAI-style pickles made with a fake ``dall_e`` package that is gone afterwards."""
+    root = tmp_path_factory.mktemp("openai")
+    package = root / "site" / "dall_e"
+    package.mkdir(parents=True)
+    for name, source in FAKE_DALL_E.items():
+        (package / name).write_text(textwrap.dedent(source))
+    pwned = root / "pwned"
+    shell = f"echo pwned > {shlex.quote(str(pwned))}"
+    sys.path.insert(0, str(package.parent))
+    try:
+        from dall_e.decoder import Decoder
+        from dall_e.encoder import Encoder
+
+        torch.manual_seed(0)
+        encoder = Encoder(n_hid=16, n_blk_per_group=1, vocab_size=512)
+        decoder = Decoder(n_init=32, n_hid=16, n_blk_per_group=1, vocab_size=512)
+        for module in (encoder, decoder):  # upstream's zero biases would hide a dropped bias
+            for name, param in module.named_parameters():
+                if name.endswith(".b"):
+                    param.data.normal_(std=0.1)
+        images = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref_ids = encoder(map_pixels(images)).argmax(1)  # (2, 14, 14)
+            stats = decoder(F.one_hot(ref_ids, 512).permute(0, 3, 1, 2).float())
+            ref_decoded = torch.clamp((torch.sigmoid(stats[:, :3]) - 0.1) / 0.8, 0, 1)
+
+        for fmt, zip_format in (("legacy", False), ("zip", True)):
+            for name, module in (("encoder", encoder), ("decoder", decoder)):
+                torch.save(
+                    module, root / f"{name}-{fmt}.pkl", _use_new_zipfile_serialization=zip_format
+                )
+            # A trojaned encoder: a real module with a payload among its attributes.
+            encoder.__dict__["payload"] = Payload(os.system, shell)
+            torch.save(
+                encoder, root / f"evil-system-{fmt}.pkl", _use_new_zipfile_serialization=zip_format
+            )
+            encoder.__dict__["payload"] = Payload(eval, f"__import__('os').system({shell!r})")
+            torch.save(
+                encoder, root / f"evil-eval-{fmt}.pkl", _use_new_zipfile_serialization=zip_format
+            )
+            del encoder.__dict__["payload"]
+        # Not even a torch.save file: torch.load unpickles its first record with our pickle module.
+        with open(root / "evil-system-raw.pkl", "wb") as f:
+            pickle.dump(Payload(os.system, shell), f)
+    finally:
+        sys.path.remove(str(package.parent))
+        for name in [m for m in sys.modules if m == "dall_e" or m.startswith("dall_e.")]:
+            del sys.modules[name]
+    return Pickles(root, images, ref_ids, ref_decoded, pwned)
+
+
+def run(argv: list[str]) -> int:
+    return convert_dall_e.main([str(a) for a in argv])
+
+
+def siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "zip"])
+def test_converts_both_pickle_formats_without_the_dall_e_package(pickles, fmt, tmp_path, capsys):
+    with pytest.raises(ImportError):
+        __import__("dall_e")
+    out = tmp_path / "dall-e"
+    argv = [
+        "--encoder",
+        pickles.path(f"encoder-{fmt}.pkl"),
+        "--decoder",
+        pickles.path(f"decoder-{fmt}.pkl"),
+    ]
+    assert run([*argv, "--out", out, "--check-images", "1"]) == 0
+    assert "dall_e" not in sys.modules
+
+    assert sorted(p.name for p in out.iterdir()) == [
+        "SHA256SUMS",
+        "config.json",
+        "decoder.safetensors",
+        "encoder.safetensors",
+    ]
+    assert siblings(out) == ["dall-e"]  # no staging folder left behind
+    report = capsys.readouterr().out
+    assert "token ids identical: 196/196" in report
+    n_params = sum(p.numel() for p in DallEEncoder(16, 1, 512).parameters())
+    assert f"{n_params:,} params" in report
+
+
+@pytest.fixture(scope="module")
+def converted(pickles, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "dall-e"
+    argv = [
+        "--encoder",
+        pickles.path("encoder-legacy.pkl"),
+        "--decoder",
+        pickles.path("decoder-legacy.pkl"),
+    ]
+    assert run([*argv, "--out", out, "--check-images", "1"]) == 0
+    return out
+
+
+def test_tokenizer_on_converted_weights_matches_the_openai_modules(pickles, converted):
+    config = json.loads((converted / "config.json").read_text())
+    assert config["tokenizer"] == "dall-e" and config["downsample"] == 8
+    assert {k: config[k] for k in ARCH} == ARCH
+
+    tokenizer = DallETokenizer(weights=converted, **ARCH)  # loads with strict=True
+    assert torch.equal(tokenizer.encode(pickles.images), pickles.ref_ids)
+    torch.testing.assert_close(
+        tokenizer.decode(pickles.ref_ids), pickles.ref_decoded, rtol=0, atol=1e-5
+    )
+    # And the files themselves hold exactly the tokenizer's keys, in fp32.
+    for file, module in (
+        ("encoder", DallEEncoder(16, 1, 512)),
+        ("decoder", DallEDecoder(32, 16, 1, 512)),
+    ):
+        state = load_file(converted / f"{file}.safetensors")
+        module.load_state_dict(state, strict=True)
+        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in state.values())
+
+
+def test_sha256sums_and_metadata_name_every_file_and_source(pickles, converted):
+    lines = (converted / "SHA256SUMS").read_text().splitlines()
+    listed = dict(reversed(line.split("  ", 1)) for line in lines)
+    assert sorted(listed) == ["config.json", "decoder.safetensors", "encoder.safetensors"]
+    for name, digest in listed.items():
+        assert hashlib.sha256((converted / name).read_bytes()).hexdigest() == digest
+
+    for part in ("encoder", "decoder"):
+        source = hashlib.sha256(pickles.path(f"{part}-legacy.pkl").read_bytes()).hexdigest()
+        with safe_open(converted / f"{part}.safetensors", "pt") as f:
+            metadata = f.metadata()
+        assert metadata["source_sha256"] == source
+        assert "convert_dall_e.py" in metadata["converter"]
+        assert json.loads((converted / "config.json").read_text())[part]["source_sha256"] == source
+
+
+@pytest.mark.parametrize(
+    "evil, global_name",
+    [
+        ("evil-system-legacy.pkl", f"{os.system.__module__}.system"),
+        ("evil-system-zip.pkl", f"{os.system.__module__}.system"),
+        ("evil-system-raw.pkl", f"{os.system.__module__}.system"),
+        ("evil-eval-legacy.pkl", "builtins.eval"),
+        ("evil-eval-zip.pkl", "builtins.eval"),
+    ],
+)
+def test_payload_pickle_is_refused_naming_the_global(pickles, evil, global_name, tmp_path, capsys):
+    out = tmp_path / "dall-e"
+    code = run(
+        [
+            "--encoder",
+            pickles.path(evil),
+            "--decoder",
+            pickles.path("decoder-zip.pkl"),
+            "--out",
+            out,
+        ]
+    )
+    assert code != 0
+    error = capsys.readouterr().err
+    assert global_name in error and "allow-list" in error
+    assert not pickles.pwned.exists()
+    assert not out.exists() and siblings(out) == []
+
+
+def test_failed_check_exits_nonzero_and_writes_nothing(pickles, tmp_path, capsys, monkeypatch):
+    # A reference that disagrees with the tokenizer stands in for any conversion bug.
+    original = convert_dall_e.reference_decoder_stats
+    monkeypatch.setattr(convert_dall_e, "reference_decoder_stats", lambda *a: original(*a) + 1e-3)
+    out = tmp_path / "dall-e"
+    argv = [
+        "--encoder",
+        pickles.path("encoder-zip.pkl"),
+        "--decoder",
+        pickles.path("decoder-zip.pkl"),
+    ]
+    assert run([*argv, "--out", out, "--check-images", "1"]) != 0
+    assert "does not reproduce the pickled modules" in capsys.readouterr().err
+    assert not out.exists() and siblings(out) == []
+
+
+def test_non_empty_out_is_kept_unless_overwrite(pickles, tmp_path, capsys):
+    out = tmp_path / "dall-e"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    argv = [
+        "--encoder",
+        pickles.path("encoder-zip.pkl"),
+        "--decoder",
+        pickles.path("decoder-zip.pkl"),
+    ]
+    argv += ["--out", out, "--check-images", "1"]
+    assert run(argv) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+    assert run([*argv, "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "encoder.safetensors").is_file()
+    assert siblings(out) == ["dall-e"]
+
+
+def test_swapped_encoder_and_decoder_are_refused(pickles, tmp_path, capsys):
+    out = tmp_path / "dall-e"
+    argv = [
+        "--encoder",
+        pickles.path("decoder-zip.pkl"),
+        "--decoder",
+        pickles.path("encoder-zip.pkl"),
+    ]
+    assert run([*argv, "--out", out]) != 0
+    assert "swap" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_runs_in_a_fresh_interpreter(pickles, tmp_path):
+    out = tmp_path / "dall-e"
+    argv = [
+        "--encoder",
+        pickles.path("encoder-legacy.pkl"),
+        "--decoder",
+        pickles.path("decoder-legacy.pkl"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *map(str, argv), "--out", out, "--check-images", "1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "token ids identical: 196/196" in result.stdout
+
+
+def test_tokenizer_refuses_a_pickle_path(pickles):
+    with pytest.raises(ValueError, match="convert_dall_e.py"):
+        DallETokenizer(weights=pickles.path("encoder-zip.pkl"), **ARCH)
