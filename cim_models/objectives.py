@@ -19,17 +19,22 @@ def _window_average(x: torch.Tensor, window_size: int) -> torch.Tensor:
     return sums / counts
 
 
+def window_statistics(images: torch.Tensor, window_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance (each (B, 1, H, W)) of the window around every pixel, joint over channels."""
+    x = images.float()
+    mean = _window_average(x.mean(1, keepdim=True), window_size)
+    mean_sq = _window_average(x.pow(2).mean(1, keepdim=True), window_size)
+    return mean, (mean_sq - mean.pow(2)).clamp_min(0)
+
+
 def sliding_window_normalize(images: torch.Tensor, window_size: int = 16, eps: float = 1e-6) -> torch.Tensor:
     """ResPix's target: each pixel minus its window's mean, over the window's standard deviation.
 
     Statistics are joint over the channels, so colour relations inside a window survive normalisation.
     ``images``: (B, C, H, W) in any range; returns the same shape in float32. A constant window gives 0.
     """
-    x = images.float()
-    mean = _window_average(x.mean(1, keepdim=True), window_size)  # (B, 1, H, W)
-    mean_sq = _window_average(x.pow(2).mean(1, keepdim=True), window_size)
-    var = (mean_sq - mean.pow(2)).clamp_min(0)
-    return (x - mean) / torch.sqrt(var + eps)
+    mean, var = window_statistics(images, window_size)
+    return (images.float() - mean) / torch.sqrt(var + eps)
 
 
 def respix_loss(predicted_pixels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ class CIMForPreTraining(CIMPreTrainedModel):
     """
 
     _keys_to_ignore_on_load_missing = [r"^tokenizer\."]
+    accepts_loss_kwargs = False  # the loss is a per-batch mean; the Trainer scales it for accumulation
 
     def __init__(self, config: CIMConfig, tokenizer: ImageTokenizer | None = None):
         super().__init__(config)
@@ -134,7 +135,6 @@ class CIMForPreTraining(CIMPreTrainedModel):
         tokenizer_pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor,
         return_loss: bool = True,
-        **kwargs,
     ) -> CIMForPreTrainingOutput:
         """One CIM step.
 

@@ -1,0 +1,1 @@
+"""CIM pre-training: data, objective and trainer around the model layers."""
