@@ -436,3 +436,32 @@ def test_missing_datasets_library_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(ImportError, match=r'pip install "cim-models\[datasets\]"'):
         load_hf_dataset("user/pets")
+
+
+def test_seeded_sampler_gives_each_draw_its_own_reproducible_seed():
+    from cim_models.training.data import SeededDataset, SeededRandomSampler
+
+    sampler = SeededRandomSampler(10, seed=3)
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == list(range(10)) and list(sampler) == first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert [i for i, _ in second] != [i for i, _ in first]  # a new permutation per epoch
+    assert {s for _, s in second}.isdisjoint({s for _, s in first})  # and new augmentations
+    dataset = SeededDataset(SyntheticShapes(10, image_size=32))
+    assert dataset[first[0]]["seed"] == first[0][1] and "seed" not in dataset[0]
+    assert dataset.classes == dataset.dataset.classes
+
+
+def test_collator_draws_from_the_sample_seed_not_the_global_rng():
+    collate = CIMDataCollator(TwoViewTransform(32, 16), BlockMaskingGenerator(4, 6))
+    image = SyntheticShapes(1, image_size=48)[0]["image"]
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    a = collate([{"image": image, "seed": 7}])
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global stream was not consumed
+    torch.manual_seed(1)
+    b = collate([{"image": image, "seed": 7}])
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["bool_masked_pos"], b["bool_masked_pos"])
+    c = collate([{"image": image, "seed": 8}])
+    assert not torch.equal(a["bool_masked_pos"], c["bool_masked_pos"]) or not torch.equal(a["pixel_values"], c["pixel_values"])

@@ -27,6 +27,7 @@ from .data import (
     CIMDataCollator,
     EvalTransform,
     ImageFolderDataset,
+    SeededDataset,
     SyntheticShapes,
     TwoViewTransform,
     load_hf_dataset,
@@ -169,7 +170,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     trainer = CIMTrainer(
         model=model,
         args=training_args,
-        train_dataset=train,
+        train_dataset=SeededDataset(train),
         eval_dataset=evaluation,
         data_collator=collator,
         knn_bank_dataset=bank,

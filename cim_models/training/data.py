@@ -13,7 +13,8 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 __all__ = [
@@ -630,6 +631,17 @@ class EvalTransform:
 # --------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Draw from ``seed`` (set by SeededRandomSampler) without touching the global RNG; no seed: global RNG."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _labels(examples: Sequence[dict]) -> torch.Tensor | None:
     labels = [example.get("label") for example in examples]
     if any(label is None for label in labels):
@@ -662,8 +674,9 @@ class CIMDataCollator:
             raise ValueError("CIMDataCollator got an empty batch; check the dataset is not empty.")
         views, masks = [], []
         for example in examples:
-            views.append(self.transform(example["image"]))
-            masks.append(self.mask_generator())
+            with _seeded(example.get("seed")):
+                views.append(self.transform(example["image"]))
+                masks.append(self.mask_generator())
         # default_collate stacks straight into shared memory inside a DataLoader worker, which
         # saves copying every batch once more on its way to the main process.
         batch = default_collate(views)  # (B, 3, S, S) and (B, 3, T, T)
@@ -694,3 +707,60 @@ class ClassificationCollator:
         if labels is not None:
             batch["labels"] = labels
         return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-sample seeds: augmentations that depend on neither worker count nor resume point
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A deterministic 63-bit seed for one draw of one sample."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2**63 - 1)
+
+
+class SeededRandomSampler(Sampler):
+    """Shuffles like ``RandomSampler`` (a new permutation per epoch, from ``seed + epoch``), and yields
+    ``(index, sample_seed)`` keys, so each draw of a sample carries its own seed.
+
+    The collator draws a sample's crop, flip and mask from that seed. The data a step sees then
+    depends only on (seed, epoch, index): not on DataLoader workers, prefetching or where a killed run
+    was resumed, which is what makes a resumed run end with the weights of an uninterrupted one.
+    The Trainer calls ``set_epoch`` at each epoch.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for index in order.tolist():
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that ``dataset[(index, seed)]`` is its item plus ``"seed"``; plain integer
+    keys work as before. Attributes (``classes``, ``skipped_files``) come from the wrapped dataset."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (e.g. while unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            index, seed = key
+            return {**self.dataset[index], "seed": seed}
+        return self.dataset[key]

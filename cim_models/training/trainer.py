@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..knn import extract_features, knn_accuracy
+from .data import SeededDataset, SeededRandomSampler
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,16 @@ class CIMTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # ---------------------------------------------------------------------------------- data
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Per-sample seeds make the augmentations of a step independent of where a run was resumed;
+        # the global RNG (token sampling) is restored from the checkpoint by the Trainer.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(dataset, SeededDataset):
+            return SeededRandomSampler(len(dataset), seed=self.args.data_seed or self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     # ---------------------------------------------------------------------------------- logging
 
