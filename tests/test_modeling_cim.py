@@ -1,0 +1,164 @@
+"""CIMModel and CIMForImageClassification: the enhancer as a transformers backbone and classifier."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+    Trainer,
+    TrainingArguments,
+)
+
+import cim_models
+from cim_models import CIMConfig, CIMForImageClassification, CIMForPreTraining, CIMModel
+from tests.tiny import tiny_config
+
+PACKAGE = Path(cim_models.__file__).parent
+
+
+def images(batch_size=2, size=64, seed=0):
+    return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("enhancer", ["vit", "resnet"])
+def test_cim_model_outputs_are_the_timm_enhancers_features_and_pooled_features(enhancer):
+    model = CIMModel(tiny_config(enhancer=enhancer)).eval()
+    x = images()
+    with torch.no_grad():
+        outputs = model(pixel_values=x)
+        features = model.enhancer.forward_features(x)
+        expected_pooled = model.enhancer(x)  # timm with num_classes=0 returns the pooled feature
+    torch.testing.assert_close(outputs.last_hidden_state, features)
+    torch.testing.assert_close(outputs.pooler_output, expected_pooled)
+    if enhancer == "vit":
+        assert outputs.last_hidden_state.shape == (2, 1 + 16, 64)  # class token + 4x4 patches
+        torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state[:, 0])
+    else:
+        assert outputs.last_hidden_state.shape == (2, 2048, 2, 2)
+    assert outputs.pooler_output.shape == (2, model.enhancer.num_features)
+    assert model(pixel_values=x, return_dict=False)[1].shape == outputs.pooler_output.shape
+
+
+def test_auto_classes_give_the_cim_classes():
+    fields = {k: v for k, v in tiny_config().to_dict().items() if k != "model_type"}
+    config = AutoConfig.for_model("cim", **fields)
+    assert type(config) is CIMConfig
+    assert type(AutoModel.from_config(config)) is CIMModel
+    assert type(AutoModelForImageClassification.from_config(config)) is CIMForImageClassification
+    assert type(AutoModelForPreTraining.from_config(config)) is CIMForPreTraining
+
+
+def test_timm_keyed_weights_load_under_the_enhancer_prefix(tmp_path):
+    # A Hub repo's model.safetensors has timm's names (blocks.0...), the models have enhancer.blocks.0...
+    config = tiny_config()
+    torch.manual_seed(0)
+    enhancer = timm.create_model(config.enhancer, num_classes=0, img_size=64, **config.enhancer_kwargs)
+    config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in enhancer.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    for cls in (CIMModel, CIMForImageClassification):
+        model, info = cls.from_pretrained(tmp_path, output_loading_info=True)
+        assert not info["unexpected_keys"] and not info["mismatched_keys"]
+        assert set(info["missing_keys"]) == ({"classifier.weight", "classifier.bias"} if cls is CIMForImageClassification else set())
+        for key, value in enhancer.state_dict().items():
+            assert torch.equal(model.enhancer.state_dict()[key], value), key
+
+
+def test_a_pretraining_checkpoint_loads_into_the_backbone_and_classifier(tmp_path, make_tiny_model):
+    pretraining = make_tiny_model(objective="revdet")
+    pretraining.save_pretrained(tmp_path)
+    backbone, info = CIMModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]  # generator.*, enhancer_head.* are expected extras
+    for key, value in pretraining.enhancer.state_dict().items():
+        assert torch.equal(backbone.enhancer.state_dict()[key], value), key
+    classifier = CIMForImageClassification.from_pretrained(tmp_path, num_labels=3)
+    assert classifier.classifier.out_features == 3
+    assert classifier.classifier.weight.abs().max() < 0.2  # initialised, not left empty from the meta device
+
+
+def test_classifier_round_trips_through_save_pretrained(tmp_path):
+    model = CIMForImageClassification(tiny_config(num_labels=5)).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = CIMForImageClassification.from_pretrained(tmp_path).eval()
+    x = images()
+    torch.testing.assert_close(reloaded(pixel_values=x).logits, model(pixel_values=x).logits)
+    assert "pretrained_cfg" not in json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "num_labels,labels,problem_type",
+    [
+        (4, torch.tensor([0, 3]), "single_label_classification"),
+        (1, torch.tensor([0.5, -1.0]), "regression"),
+        (3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), "multi_label_classification"),
+    ],
+)
+def test_labels_give_the_loss_of_the_problem_type(num_labels, labels, problem_type):
+    model = CIMForImageClassification(tiny_config(num_labels=num_labels))
+    outputs = model(pixel_values=images(), labels=labels)
+    assert model.config.problem_type == problem_type
+    assert outputs.logits.shape == (2, num_labels) and outputs.loss.ndim == 0
+    outputs.loss.backward()
+    assert model.enhancer.patch_embed.proj.weight.grad is not None
+
+
+def test_drop_path_rate_reaches_the_enhancer(tmp_path):
+    CIMModel(tiny_config()).save_pretrained(tmp_path)
+    model = CIMForImageClassification.from_pretrained(tmp_path, num_labels=2, drop_path_rate=0.2)
+    assert model.enhancer.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+
+
+def test_gradient_checkpointing_reaches_timm():
+    model = CIMForImageClassification(tiny_config(num_labels=2))
+    model.activation_checkpointing_enable()
+    assert model.enhancer.grad_checkpointing
+    model(pixel_values=images(), labels=torch.tensor([0, 1])).loss.backward()
+
+
+def test_classifier_fine_tunes_with_the_plain_trainer(tmp_path):
+    torch.manual_seed(0)
+    model = CIMForImageClassification(tiny_config(num_labels=3))
+    before = model.classifier.weight.detach().clone()
+    dataset = [{"pixel_values": images(1, seed=i)[0], "labels": i % 3} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+        use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+    )
+    result = Trainer(model=model, args=args, train_dataset=dataset).train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(model.classifier.weight.detach(), before)
+
+
+def test_config_leaves_the_timm_half_of_an_exported_config_out():
+    exported = {**tiny_config().to_dict(), "architecture": "vit_tiny_patch16_224", "num_classes": 0,
+                "pretrained_cfg": {"tag": "respix_in1k"}, "model_args": {"depth": 2},
+                "image_processor_type": "TimmWrapperImageProcessor"}
+    config = CIMConfig.from_dict(exported)
+    for key in ("architecture", "num_classes", "pretrained_cfg", "model_args", "image_processor_type"):
+        assert key not in config.to_dict()
+
+
+@pytest.mark.parametrize("name", ["configuration_cim.py", "modeling_cim.py"])
+def test_remote_code_files_import_only_torch_timm_transformers_and_each_other(name):
+    allowed = {"torch", "timm", "transformers"} | set(sys.stdlib_module_names)
+    for node in ast.walk(ast.parse((PACKAGE / name).read_text())):
+        if isinstance(node, ast.Import):
+            roots = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots = {(node.module or "").split(".")[0]} if node.level == 0 else set()
+            if node.level:
+                assert node.module in ("configuration_cim", "modeling_cim"), node.module
+        else:
+            continue
+        assert roots <= allowed, roots - allowed
