@@ -4,22 +4,32 @@ Importing the package registers the CIM enhancers with timm (``timm.create_model
 and the CIM classes with the transformers Auto classes.
 """
 
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+
 from . import enhancers  # noqa: F401  (registers the timm models)
 from .configuration_cim import CIMConfig
 from .generator import CIMGenerator, sample_tokens
 from .masking import BlockMaskingGenerator
-from .modeling_cim import CIMPreTrainedModel
+from .modeling_cim import CIMForImageClassification, CIMModel, CIMPreTrainedModel
 from .pretraining import CIMForPreTraining, CIMForPreTrainingOutput
 from .tokenizers import create_tokenizer
+
+# The transformers Auto classes: AutoModel.from_pretrained("<org>/<cim repo>") gives a CIMModel.
+AutoConfig.register("cim", CIMConfig, exist_ok=True)
+AutoModel.register(CIMConfig, CIMModel, exist_ok=True)
+AutoModelForImageClassification.register(CIMConfig, CIMForImageClassification, exist_ok=True)
+AutoModelForPreTraining.register(CIMConfig, CIMForPreTraining, exist_ok=True)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockMaskingGenerator",
     "CIMConfig",
+    "CIMForImageClassification",
     "CIMForPreTraining",
     "CIMForPreTrainingOutput",
     "CIMGenerator",
+    "CIMModel",
     "CIMPreTrainedModel",
     "create_tokenizer",
     "sample_tokens",

@@ -13,6 +13,13 @@ OBJECTIVES = ("respix", "revdet")
 TOKENIZERS = ("dall-e", "palette")
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# The timm half of an exported Hub repo's config.json (conversion/export_checkpoint.py). timm reads it; a
+# CIMConfig leaves it out, so that a model loaded from the Hub and saved again does not carry timm
+# metadata that no longer describes its weights (e.g. after fine-tuning adds a classifier).
+TIMM_CONFIG_KEYS = (
+    "architecture", "num_classes", "num_features", "global_pool", "model_args", "pretrained_cfg",
+    "image_processor_type",
+)
 
 
 class CIMConfig(PretrainedConfig):
@@ -82,6 +89,8 @@ class CIMConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        for key in TIMM_CONFIG_KEYS:
+            kwargs.pop(key, None)
         self.enhancer_kwargs = dict(self.enhancer_kwargs or {})
         self.tokenizer_kwargs = dict(self.tokenizer_kwargs or {})
         self.image_mean = list(self.image_mean or IMAGENET_DEFAULT_MEAN)

@@ -52,11 +52,19 @@ class CIMGenerator(Beit):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
-    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-        """Token logits at the masked positions only, (num_masked, vocab_size), in row-major order.
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor,
+        masked_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token logits at the masked positions only.
 
-        ``pixel_values``: (B, 3, H, W); ``bool_masked_pos``: (B, N) with N = number of patches. The head
-        runs only where a loss and a sample are needed, which saves most of its 8192-way matmul.
+        ``pixel_values``: (B, 3, H, W); ``bool_masked_pos``: (B, N) with N = number of patches.
+        With ``masked_index`` (B, M) from :func:`~cim_models.masking.masked_indices` the logits are
+        (B, M, vocab_size) and every shape is static; without it they are (total masked, vocab_size) in
+        row-major order. The head runs only where a loss and a sample are needed, which saves most of
+        its vocab_size-way matmul.
         """
         x = self.patch_embed(pixel_values)  # (B, N, D)
         x = torch.where(bool_masked_pos.unsqueeze(-1), self.mask_token.to(x.dtype), x)
@@ -68,8 +76,12 @@ class CIMGenerator(Beit):
                 x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, use_reentrant=False)
             else:
                 x = blk(x, shared_rel_pos_bias=rel_pos_bias)
-        x = self.norm(x[:, 1:])  # (B, N, D)
-        return self.lm_head(x[bool_masked_pos])  # (M, vocab_size)
+        x = x[:, 1:]  # (B, N, D)
+        if masked_index is None:
+            x = x[bool_masked_pos]  # (total masked, D)
+        else:
+            x = x.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, M, D)
+        return self.lm_head(self.norm(x))
 
 
 def sample_tokens(
@@ -77,24 +89,30 @@ def sample_tokens(
     input_ids: torch.Tensor,
     bool_masked_pos: torch.Tensor,
     temperature: float = 1.0,
+    masked_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The corrupted token grid: masked positions draw from softmax(logits / temperature), the others
     keep their original ids.
 
-    ``logits``: (M, V) at the masked positions (as ``CIMGenerator`` returns them) or (B, N, V) for all.
-    ``input_ids``: (B, h, w); ``bool_masked_pos``: (B, h, w) or (B, N). Every position of every sample
-    draws independently. ``temperature <= 0`` takes the argmax. Sampling uses the Gumbel-max trick,
-    which needs no host synchronisation and draws from torch's RNG (saved in Trainer checkpoints).
+    ``input_ids``: (B, h, w); ``bool_masked_pos``: (B, h, w) or (B, N). ``logits`` as
+    :class:`CIMGenerator` returns them: (B, M, V) with ``masked_index`` (B, M), or (total masked, V)
+    without; (B, N, V) for every position also works. Every position of every sample draws
+    independently; ``temperature <= 0`` takes the argmax. Gumbel-max sampling needs no host
+    synchronisation and draws from torch's RNG, which Trainer checkpoints save.
     """
-    mask = bool_masked_pos.reshape(input_ids.shape[0], -1)
-    if logits.ndim == 3:
+    mask = bool_masked_pos.reshape(input_ids.shape[0], -1)  # (B, N)
+    if logits.ndim == 3 and masked_index is None:
         logits = logits[mask]
     with torch.no_grad():
         scores = logits.detach().float()
         if temperature > 0:
             gumbel = -torch.empty_like(scores).exponential_().log()
             scores = scores / temperature + gumbel
-        sampled = scores.argmax(-1)
-        corrupted = input_ids.reshape(mask.shape).clone()
-        corrupted[mask] = sampled.to(corrupted.dtype)
+        sampled = scores.argmax(-1).to(input_ids.dtype)
+        corrupted = input_ids.reshape(mask.shape)
+        if masked_index is None:
+            corrupted = corrupted.clone()
+            corrupted[mask] = sampled
+        else:
+            corrupted = corrupted.scatter(1, masked_index, sampled)
     return corrupted.view_as(input_ids)

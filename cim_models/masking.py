@@ -87,3 +87,19 @@ class BlockMaskingGenerator:
             pick = free[torch.randperm(free.numel(), generator=generator)[: self.num_masking_patches - count]]
             mask.view(-1)[pick] = True
         return mask
+
+
+def masked_indices(bool_masked_pos: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """Positions of the masked patches, (B, num_masked), in ascending order, for masks that each hold
+    exactly ``num_masked`` patches (as :class:`BlockMaskingGenerator` draws them).
+
+    A fixed count gives every tensor after it a static shape: gathers replace boolean indexing, which
+    would wait for the device to count the masked patches (a host sync that also breaks torch.compile).
+    """
+    mask = bool_masked_pos.flatten(1)  # (B, N)
+    torch._assert_async(
+        (mask.sum(1) == num_masked).all(),
+        f"every bool_masked_pos must mask exactly num_mask_patches={num_masked} patches",
+    )
+    # A stable sort puts the masked positions first, in their original (row-major) order.
+    return mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :num_masked]

@@ -1,16 +1,29 @@
-"""The CIM enhancer as a transformers model: the base class shared by every CIM model, and the backbone.
+"""The CIM enhancer as a transformers model: the shared base class, the backbone and the classifier.
 
 This file imports only torch, timm, transformers and ``configuration_cim``, so it can travel inside a
 Hub repo and load with ``trust_remote_code=True`` where ``cim_models`` is not installed.
+
+Every CIM model keeps the timm enhancer as ``self.enhancer``, and ``base_model_prefix = "enhancer"``:
+``from_pretrained`` then adds or strips that prefix per key, so one file loads everywhere. A Hub
+repo's ``model.safetensors`` (timm key names: ``blocks.0.attn.qkv.weight``), a ``CIMModel`` checkpoint
+and a whole ``CIMForPreTraining`` checkpoint (``enhancer.*`` next to ``generator.*``) all load into
+``CIMModel`` and ``CIMForImageClassification``.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import timm
+import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from .configuration_cim import CIMConfig
+
+# Parts of a pre-training checkpoint that the backbone models do not have: loading one is expected.
+_PRETRAINING_ONLY_KEYS = [r"^generator\.", r"^enhancer_head\.", r"^tokenizer\."]
 
 
 def create_enhancer(config: CIMConfig) -> nn.Module:
@@ -37,11 +50,16 @@ def create_enhancer(config: CIMConfig) -> nn.Module:
         return timm.create_model(name, **kwargs)
 
 
+def enhancer_takes_img_size(enhancer: nn.Module) -> bool:
+    """Whether the backbone's class is built for one input size (ViT) rather than any (ResNet)."""
+    return "img_size" in inspect.signature(type(enhancer).__init__).parameters
+
+
 class CIMPreTrainedModel(PreTrainedModel):
     """Base of every CIM model: the config class, and weight init that keeps timm's own."""
 
     config_class = CIMConfig
-    base_model_prefix = "cim"
+    base_model_prefix = "enhancer"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
@@ -58,3 +76,70 @@ class CIMPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if module is not self and hasattr(module, "set_grad_checkpointing"):
                 module.set_grad_checkpointing(enable)
+
+
+class CIMModel(CIMPreTrainedModel):
+    """The pre-trained enhancer alone, as a transformers backbone.
+
+    ``last_hidden_state`` is timm's ``forward_features``: (B, 1 + N, D) tokens for a ViT, a
+    (B, C, H/32, W/32) map for a ResNet. ``pooler_output`` is timm's pooled pre-logits feature
+    (``forward_head(..., pre_logits=True)``): the class token for a ViT, the average for a ResNet.
+    """
+
+    _keys_to_ignore_on_load_unexpected = _PRETRAINING_ONLY_KEYS
+
+    def __init__(self, config: CIMConfig):
+        super().__init__(config)
+        self.enhancer = create_enhancer(config)
+        self.post_init()
+
+    def forward(
+        self, pixel_values: torch.Tensor, return_dict: bool | None = None
+    ) -> BaseModelOutputWithPooling:
+        features = self.enhancer.forward_features(pixel_values)
+        pooled = self.enhancer.forward_head(features, pre_logits=True)  # (B, num_features)
+        if return_dict is False:
+            return features, pooled
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
+
+
+class CIMForImageClassification(CIMPreTrainedModel):
+    """The enhancer with a linear classifier on its pooled feature, for fine-tuning.
+
+    ``labels`` give a loss chosen by ``config.problem_type`` as in every transformers classifier:
+    cross-entropy for integer labels, MSE when ``num_labels == 1``, BCE for multi-label float targets.
+    Stochastic depth for fine-tuning is ``config.drop_path_rate`` (pass ``drop_path_rate=`` to
+    ``from_pretrained``).
+    """
+
+    _keys_to_ignore_on_load_unexpected = _PRETRAINING_ONLY_KEYS
+
+    def __init__(self, config: CIMConfig):
+        super().__init__(config)
+        self.enhancer = create_enhancer(config)
+        num_features, num_labels = self.enhancer.num_features, config.num_labels
+        self.classifier = nn.Linear(num_features, num_labels) if num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self.classifier and isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput:
+        features = self.enhancer.forward_features(pixel_values)
+        pooled = self.enhancer.forward_head(features, pre_logits=True)  # (B, num_features)
+        logits = self.classifier(pooled)  # (B, num_labels)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        if return_dict is False:
+            return (logits,) if loss is None else (loss, logits)
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+__all__ = ["CIMForImageClassification", "CIMModel", "CIMPreTrainedModel", "create_enhancer"]

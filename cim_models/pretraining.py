@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 from .configuration_cim import CIMConfig
 from .generator import CIMGenerator, sample_tokens
 from .heads import create_head
+from .masking import masked_indices
 from .modeling_cim import CIMPreTrainedModel, create_enhancer
 from .objectives import respix_loss, revdet_labels, revdet_loss, sliding_window_normalize
 from .tokenizers import ImageTokenizer, create_tokenizer
@@ -153,12 +154,15 @@ class CIMForPreTraining(CIMPreTrainedModel):
             raise ValueError(f"The tokenizer gave a {tuple(input_ids.shape[1:])} grid, expected {(grid, grid)}.")
 
         # 2. The generator predicts the masked tokens from the visible patches only.
-        generator_logits = self.generator(pixel_values, mask)  # (M, V)
-        masked_ids = input_ids.reshape(batch_size, -1)[mask]  # (M,)
-        generator_loss = F.cross_entropy(generator_logits.float(), masked_ids)
+        masked_index = masked_indices(mask, self.config.num_mask_patches)  # (B, M)
+        generator_logits = self.generator(pixel_values, mask, masked_index)  # (B, M, V)
+        masked_ids = input_ids.reshape(batch_size, -1).gather(1, masked_index)  # (B, M)
+        generator_loss = F.cross_entropy(generator_logits.flatten(0, 1).float(), masked_ids.flatten())
 
         # 3. Sample replacements and paint the corrupted image with the frozen decoder (no gradient).
-        corrupted_ids = sample_tokens(generator_logits, input_ids, mask, self.config.sampling_temperature)
+        corrupted_ids = sample_tokens(
+            generator_logits, input_ids, mask, self.config.sampling_temperature, masked_index
+        )
         corrupted = self.tokenizer.decode(corrupted_ids)  # (B, 3, T, T) in [0, 1]
         corrupted = F.interpolate(corrupted, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         corrupted = corrupted.clamp(0, 1).to(pixel_values.dtype)  # bilinear can overshoot slightly
@@ -182,7 +186,7 @@ class CIMForPreTraining(CIMPreTrainedModel):
         loss = generator_loss + self.config.enhancer_loss_weight * enhancer_loss
         with torch.no_grad():
             generator_accuracy = (generator_logits.argmax(-1) == masked_ids).float().mean()
-            replaced_fraction = replaced.sum().float() / mask.sum().clamp_min(1)
+            replaced_fraction = replaced.float().sum() / masked_ids.numel()
         return CIMForPreTrainingOutput(
             loss=loss,
             generator_loss=generator_loss,

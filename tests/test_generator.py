@@ -72,3 +72,23 @@ def test_sampling_follows_softmax_and_temperature_zero_is_argmax():
     assert torch.bincount(hot, minlength=3)[2] < torch.bincount(draws, minlength=3)[2]
     for temperature in (0.0, 1e-6):
         assert (sample_tokens(logits, ids, mask, temperature=temperature) == 2).all()
+
+
+def test_static_shape_path_matches_boolean_indexing():
+    from cim_models.masking import masked_indices
+
+    generator = _generator()
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    for row, cols in enumerate(([0, 5, 9], [1, 2, 3], [13, 14, 15])):
+        mask[row, cols] = True
+    images = torch.randn(3, 3, 64, 64)
+    index = masked_indices(mask, 3)
+    gathered = generator(images, mask, index)
+    assert gathered.shape == (3, 3, 64)
+    torch.testing.assert_close(gathered.flatten(0, 1), generator(images, mask))
+    ids = torch.randint(0, 64, (3, 4, 4))
+    torch.manual_seed(0)
+    a = sample_tokens(gathered, ids, mask, masked_index=index)
+    torch.manual_seed(0)
+    b = sample_tokens(gathered.flatten(0, 1), ids, mask)
+    assert torch.equal(a, b)

@@ -21,6 +21,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import TrainingArguments
 
 import cim_models
 from cim_models import CIMForPreTraining
@@ -35,6 +36,7 @@ EXPORTED_FILES = {
     "README.md", "config.json", "preprocessor_config.json", "model.safetensors",
     "configuration_cim.py", "modeling_cim.py",
 }
+EXPORTED_WITH_PRETRAINING = EXPORTED_FILES | {"pretraining/config.json", "pretraining/model.safetensors"}
 
 
 def _load_script(name):
@@ -61,9 +63,16 @@ def write_checkpoint(folder: Path, steps: int = 2) -> CIMForPreTraining:
     model.save_pretrained(folder)
     # The Trainer's pickles sit next to the model; export must never open them.
     (folder / "optimizer.pt").write_bytes(_booby_trapped_pickle(folder / "UNPICKLED"))
-    (folder / "trainer_state.json").write_text(
-        json.dumps({"global_step": steps, "epoch": 1.0, "max_steps": steps, "train_batch_size": 4})
-    )
+    state = {"global_step": steps, "epoch": 1.0, "max_steps": steps, "train_batch_size": 4}
+    state["log_history"] = [{"step": steps, "loss": 5.0}, {"step": steps, "eval_knn_top1": 0.25}]
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    # cim-pretrain records the resolved run configuration next to the checkpoints.
+    training = TrainingArguments(
+        output_dir=str(folder.parent), max_steps=steps, learning_rate=1e-3, weight_decay=0.05,
+        report_to="none",
+    ).to_dict()
+    run_config = json.dumps({"training": training}, default=str)
+    (folder.parent / "cim_pretrain_config.json").write_text(run_config)
     return model.eval()
 
 
@@ -81,9 +90,8 @@ def hub(tmp_path_factory):
     card_data = root / "card.json"
     card_data.write_text(json.dumps({"tag": "respix_in1k", "datasets": ["imagenet-1k"]}))
     out = root / "export"
-    assert export_checkpoint.main(
-        ["--checkpoint", str(checkpoint), "--out", str(out), "--card-data", str(card_data), "--with-pretraining"]
-    ) == 0
+    argv = ["--checkpoint", str(checkpoint), "--out", str(out), "--card-data", str(card_data)]
+    assert export_checkpoint.main([*argv, "--with-pretraining"]) == 0
 
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -112,9 +120,7 @@ def hub(tmp_path_factory):
 
 def test_export_writes_one_repo_for_both_libraries(hub):
     out = hub["out"]
-    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == EXPORTED_FILES | {
-        "pretraining/config.json", "pretraining/model.safetensors",
-    }
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == EXPORTED_WITH_PRETRAINING
     assert not (hub["checkpoint"] / "UNPICKLED").exists()
     assert not list(out.parent.glob(".export*")), "the staging folder was left behind"
     assert hub["repo_id"] == f"{cim_models.enhancers.HF_HUB_ORGANIZATION}/{ENHANCER}.respix_in1k"
@@ -386,14 +392,20 @@ def test_model_card_has_the_hub_metadata_and_parses(hub):
     # The recipe: every value equal to its project default is marked, the others are not.
     assert "| masked patches per image | `6` | 75 [ours, BEiT's value] |" in text
     assert "| generator layer scale | `0.1` (default) | 0.1 [paper, BEiT] |" in text
-    assert "| epochs | not recorded (SPEC.md: 300) |" in text
-    assert "step 2 of 2" in text
+    # The optimisation recipe the run recorded (cim_pretrain_config.json) and its training state.
+    assert "| max_steps | `2` |" in text and "| epochs | not recorded (SPEC.md: 300) |" in text
+    assert "| weight_decay | `0.05` (default) |" in text
+    assert "| optimizer | `adamw_torch_fused` (default) |" in text
+    assert "| max_grad_norm | `1.0` (SPEC.md: 3.0) |" in text
+    assert "| precision | `fp32` (SPEC.md: bf16) |" in text
+    assert "step 2 of 2" in text and "kNN monitor top-1 0.25 on the run's eval set at step 2" in text
 
 
 def test_model_card_reports_only_the_results_it_was_given(hub):
     no_results = _card(hub, {"datasets": ["imagenet-1k"]})
     assert "Not yet evaluated" in no_results.text
-    assert "%" not in no_results.text and "83.3" not in no_results.content and "80.6" not in no_results.content
+    assert "%" not in no_results.text
+    assert "83.3" not in no_results.content and "80.6" not in no_results.content  # the paper's numbers
 
     given = {
         "task": "image-classification", "protocol": "linear probe, 10 epochs", "dataset": "imagenet-1k",
@@ -402,7 +414,8 @@ def test_model_card_reports_only_the_results_it_was_given(hub):
     }
     card = _card(hub, {"datasets": ["imagenet-1k"], "results": [given], "base_model": "org/parent"})
     assert "Not yet evaluated" not in card.text
-    assert "| image-classification | linear probe, 10 epochs | ImageNet-1K | validation | top-1 accuracy | 12.34 |" in card.text
+    row = "| image-classification | linear probe, 10 epochs | ImageNet-1K | validation | top-1 accuracy | 12.34 |"
+    assert row in card.text
     results = card.data.eval_results
     assert [(r.task_type, r.dataset_type, r.metric_type, r.metric_value) for r in results] == [
         ("image-classification", "imagenet-1k", "accuracy", 12.34)
@@ -435,15 +448,15 @@ def test_push_dry_run_lists_exactly_the_files_and_needs_no_network(hub):
     result = _push(hub, "--private", "--dry-run", HF_TOKEN="")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("Would upload 8 files") and "cim-models/test" in lines[0] and "private" in lines[0]
-    listed = {line.split()[0] for line in lines[1:]}
-    assert listed == EXPORTED_FILES | {"pretraining/config.json", "pretraining/model.safetensors"}
+    assert lines[0].startswith("Would upload 8 files") and "cim-models/test (revision main, private)" in lines[0]
+    assert {line.split()[0] for line in lines[1:]} == EXPORTED_WITH_PRETRAINING
 
 
 def test_push_without_network_fails_with_a_clear_message(hub):
     offline = _push(hub, HF_TOKEN="hf_test")
     assert offline.returncode == 1
-    assert "offline mode is enabled (HF_HUB_OFFLINE=1)" in offline.stderr and "Traceback" not in offline.stderr
+    assert "offline mode is enabled (HF_HUB_OFFLINE=1)" in offline.stderr
+    assert "Traceback" not in offline.stderr
 
     unreachable = _push(hub, HF_TOKEN="hf_test", HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
     assert unreachable.returncode == 1
@@ -487,7 +500,7 @@ def test_push_creates_the_repo_and_uploads_the_listed_files(hub, monkeypatch, ca
     upload = calls[3][1]
     assert upload["repo_id"] == "cim-models/test" and upload["revision"] == "v1"
     assert Path(upload["folder_path"]) == hub["out"]
-    assert set(upload["allow_patterns"]) == EXPORTED_FILES | {"pretraining/config.json", "pretraining/model.safetensors"}
+    assert set(upload["allow_patterns"]) == EXPORTED_WITH_PRETRAINING
 
 
 def test_push_refuses_a_folder_that_is_not_an_export_or_holds_pickles(tmp_path, capsys):

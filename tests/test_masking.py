@@ -44,3 +44,16 @@ def test_masks_are_blocks_not_scattered_patches():
 def test_rejects_impossible_count():
     with pytest.raises(ValueError, match="between 0 and 16"):
         BlockMaskingGenerator(4, 17)
+
+
+def test_masked_indices_are_the_masked_positions_in_order():
+    from cim_models.masking import masked_indices
+
+    masking = BlockMaskingGenerator(4, 6)
+    masks = torch.stack([masking() for _ in range(5)])
+    index = masked_indices(masks, 6)
+    assert index.shape == (5, 6)
+    for mask, row in zip(masks.flatten(1), index):
+        assert row.tolist() == mask.nonzero().squeeze(1).tolist()
+    with pytest.raises(RuntimeError, match="num_mask_patches=5"):
+        masked_indices(masks, 5)

@@ -65,11 +65,12 @@ def test_timm_keyed_weights_load_under_the_enhancer_prefix(tmp_path):
     torch.manual_seed(0)
     enhancer = timm.create_model(config.enhancer, num_classes=0, img_size=64, **config.enhancer_kwargs)
     config.save_pretrained(tmp_path)
-    save_file({k: v.contiguous() for k, v in enhancer.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    for cls in (CIMModel, CIMForImageClassification):
+    weights = {k: v.contiguous() for k, v in enhancer.state_dict().items()}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    for cls, missing in ((CIMModel, set()), (CIMForImageClassification, {"classifier.weight", "classifier.bias"})):
         model, info = cls.from_pretrained(tmp_path, output_loading_info=True)
         assert not info["unexpected_keys"] and not info["mismatched_keys"]
-        assert set(info["missing_keys"]) == ({"classifier.weight", "classifier.bias"} if cls is CIMForImageClassification else set())
+        assert set(info["missing_keys"]) == missing
         for key, value in enhancer.state_dict().items():
             assert torch.equal(model.enhancer.state_dict()[key], value), key
 

@@ -154,6 +154,8 @@ def test_bad_inputs_get_clear_errors(make_tiny_model):
         model(**{**batch, "tokenizer_pixel_values": torch.rand(4, 3, 64, 64)})
     with pytest.raises(ValueError, match="bool_masked_pos"):
         model(**{**batch, "bool_masked_pos": torch.zeros(4, 5, 5, dtype=torch.bool)})
+    with pytest.raises(RuntimeError, match="exactly num_mask_patches=6"):
+        model(**{**batch, "bool_masked_pos": torch.ones(4, 4, 4, dtype=torch.bool)})
 
 
 def test_bad_configs_get_clear_errors():
