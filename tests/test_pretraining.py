@@ -167,3 +167,26 @@ def test_bad_configs_get_clear_errors():
         CIMConfig(image_size=64, num_mask_patches=20)
     with pytest.raises(ValueError, match="token grid"):
         CIMForPreTraining(tiny_config("revdet", enhancer_kwargs=dict(depth=1, embed_dim=32, num_heads=1, patch_size=8)))
+
+
+@pytest.mark.parametrize("enhancer", ["vit", "resnet"])
+def test_activation_checkpointing_changes_neither_loss_nor_gradients(make_tiny_model, enhancer):
+    model = make_tiny_model("respix", enhancer)
+    batch = tiny_batch(model)
+
+    def loss_and_grads():
+        torch.manual_seed(0)
+        output = model(**batch)
+        output.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return output.loss.detach(), grads
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.activation_checkpointing_enable()
+    assert model.generator.grad_checkpointing and model.enhancer.grad_checkpointing
+    checkpointed_loss, checkpointed_grads = loss_and_grads()
+    torch.testing.assert_close(checkpointed_loss, plain_loss)
+    assert plain_grads.keys() == checkpointed_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
