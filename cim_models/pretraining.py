@@ -101,6 +101,7 @@ class CIMForPreTraining(CIMPreTrainedModel):
         if self._tokenizer_needs_reload and not in_checkpoint:
             self.tokenizer.reload_weights()
         self._tokenizer_needs_reload = False
+        self.tokenizer.freeze()  # loading may have replaced its parameters with trainable ones
 
     @property
     def tokenizer_image_size(self) -> int:

@@ -127,6 +127,9 @@ def test_tokenizer_weights_saved_when_asked(make_tiny_model, tmp_path):
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     assert torch.equal(saved["tokenizer.encoder.blocks.input.w"], model.tokenizer.encoder.blocks.input.w)
+    reloaded = CIMForPreTraining.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.tokenizer.encoder.blocks.input.w, model.tokenizer.encoder.blocks.input.w)
+    assert not any(p.requires_grad for p in reloaded.tokenizer.parameters())
 
 
 def test_tokenizer_stays_out_of_trainable_parameters(make_tiny_model):

@@ -162,6 +162,7 @@ class DallETokenizer(ImageTokenizer):
 
     def reload_weights(self) -> None:
         if self.encoder.blocks.input.w.is_meta:
+            self.freeze()
             return  # built inside from_pretrained: materialised and reloaded later by _init_weights
         if self.weights is not None:
             encoder_path, decoder_path = resolve_dall_e_weights(self.weights)
