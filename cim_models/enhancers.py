@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.resnet import Bottleneck, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
@@ -96,9 +96,34 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _build(model_cls: type, variant: str, pretrained: bool, **kwargs):
+    """``build_model_with_cfg``; a failed weight download names the repo and says what to do."""
+    try:
+        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    except OSError as err:  # every huggingface_hub download error, and a missing local file
+        if not pretrained:
+            raise
+        cfg = resolve_pretrained_cfg(
+            variant,
+            pretrained_cfg=kwargs.get("pretrained_cfg"),
+            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+        )
+        name = f"{variant}.{cfg.tag}" if cfg.tag else variant
+        source = f"the file {cfg.file!r}" if cfg.file else f"the Hugging Face Hub repo {cfg.hf_hub_id!r}"
+        raise OSError(
+            f"Could not load the pretrained weights of {name} from {source} ({type(err).__name__}: {err})\n"
+            f"- Not published yet? Export a CIM checkpoint and publish it under that repo id:\n"
+            f"    python conversion/export_checkpoint.py --checkpoint RUN/checkpoint-N --out DIR\n"
+            f"    python conversion/push_to_hub.py --folder DIR --repo-id {cfg.hf_hub_id}\n"
+            f"- Or load a local file: timm.create_model({variant!r}, pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file='DIR/model.safetensors'))\n"
+            f"- Offline (HF_HUB_OFFLINE=1), the repo must already be in the Hub cache (HF_HUB_CACHE)."
+        ) from err
+
+
 def _create_cim_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
+    return _build(
         VisionTransformer,
         variant,
         pretrained,
@@ -109,7 +134,7 @@ def _create_cim_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionT
 
 
 def _create_cim_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    return build_model_with_cfg(ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return _build(ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 @register_model

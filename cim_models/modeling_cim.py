@@ -12,8 +12,6 @@ and a whole ``CIMForPreTraining`` checkpoint (``enhancer.*`` next to ``generator
 
 from __future__ import annotations
 
-import inspect
-
 import timm
 import torch
 from torch import nn
@@ -48,11 +46,6 @@ def create_enhancer(config: CIMConfig) -> nn.Module:
         return timm.create_model(name, **{"img_size": config.image_size, **kwargs})
     except TypeError:
         return timm.create_model(name, **kwargs)
-
-
-def enhancer_takes_img_size(enhancer: nn.Module) -> bool:
-    """Whether the backbone's class is built for one input size (ViT) rather than any (ResNet)."""
-    return "img_size" in inspect.signature(type(enhancer).__init__).parameters
 
 
 class CIMPreTrainedModel(PreTrainedModel):

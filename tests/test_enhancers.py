@@ -78,3 +78,12 @@ def test_features_only_and_forward_intermediates_work_like_stock(name, kwargs):
 def test_registered_model_rejects_unknown_name():
     with pytest.raises(RuntimeError, match="Unknown model"):
         timm.create_model("cim_vit_gigantic")
+
+
+def test_unreachable_pretrained_weights_name_the_repo_and_the_ways_out():
+    # The tests run offline with an empty Hub cache, so no CIM repo can be reached.
+    with pytest.raises(OSError) as info:
+        timm.create_model("cim_vit_tiny_patch16_224.revdet_in1k", pretrained=True, depth=1)
+    message = str(info.value)
+    assert f"'{HF_HUB_ORGANIZATION}/cim_vit_tiny_patch16_224.revdet_in1k'" in message
+    assert "push_to_hub.py" in message and "pretrained_cfg_overlay=dict(file=" in message

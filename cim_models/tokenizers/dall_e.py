@@ -187,11 +187,26 @@ class DallETokenizer(ImageTokenizer):
                 "benchmarks only, pass random_init=True."
             )
 
+    @staticmethod
+    def _precision(device: torch.device):
+        # On GPUs the dVAE runs in fp16, as OpenAI's own code does, whatever the caller's autocast:
+        # bf16's 8-bit mantissa flips near-tied argmaxes (token agreement with fp32 measured at 96.7% for
+        # bf16 and 99.6% for fp16, full-size architecture) and fp16 runs at the same tensor-core rate.
+        # Elsewhere it runs in fp32.
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast(device.type, enabled=False)
+
     @torch.no_grad()
     def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
         self.check_images(images)
         self._check_ready()
-        return self.encoder(map_pixels(images))  # (B, vocab_size, H/8, W/8)
+        # channels_last activations are the fast convolution layout on GPUs and CPUs (1.2x encoder, 1.5x
+        # decoder measured on CPU; the decoder's embedding input comes out in it). The weights stay
+        # contiguous so that state dicts save as safetensors.
+        x = map_pixels(images.float()).contiguous(memory_format=torch.channels_last)
+        with self._precision(images.device):
+            return self.encoder(x).float()  # (B, vocab_size, H/8, W/8)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -201,7 +216,8 @@ class DallETokenizer(ImageTokenizer):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         self.check_ids(ids)
         self._check_ready()
-        stats = self.decoder.forward_ids(ids.long())  # (B, 6, 8h, 8w)
+        with self._precision(ids.device):
+            stats = self.decoder.forward_ids(ids.long())  # (B, 6, 8h, 8w)
         return unmap_pixels(torch.sigmoid(stats[:, :3].float()))
 
 
