@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from cim_models.folders import check_output_folder, publish_folder
 from cim_models.tokenizers.dall_e import DECODER_FILE, ENCODER_FILE, DallETokenizer
 
 CONFIG_FILE = "config.json"
@@ -516,31 +517,6 @@ def _write_part(folder: Path, part: str, state: dict[str, torch.Tensor], src: So
     path.chmod(0o666 & ~umask)  # safetensors writes 0600; these files are meant to be published
 
 
-def _out_is_occupied(out: Path) -> bool:
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"--out {out} exists and is not a folder; choose a folder path.")
-    return out.is_dir() and any(out.iterdir())
-
-
-def _publish(staging: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished staging folder to ``out`` in one rename (replacing ``out`` if allowed)."""
-    if _out_is_occupied(out):
-        if not overwrite:
-            raise ConversionError(f"--out {out} is not empty; pass --overwrite to replace it.")
-        old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
-        out.rename(old)
-        try:
-            staging.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old)
-    else:
-        if out.is_dir():
-            out.rmdir()  # empty
-        staging.rename(out)
-
-
 def convert(
     encoder_pkl: str | os.PathLike,
     decoder_pkl: str | os.PathLike,
@@ -552,10 +528,7 @@ def convert(
     encoder_pkl, decoder_pkl, out = Path(encoder_pkl), Path(decoder_pkl), Path(out)
     if check_images < 1:
         raise ConversionError(f"--check-images must be at least 1, got {check_images}.")
-    if _out_is_occupied(out) and not overwrite:
-        raise ConversionError(
-            f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder."
-        )
+    check_output_folder(out, overwrite, ConversionError)
 
     sources, states = {}, {}
     for part, path, stand_in in (
@@ -615,7 +588,7 @@ def convert(
                 + "\nThis is a bug in the conversion or in cim_models/tokenizers/dall_e.py; "
                 "please report it with this output."
             )
-        _publish(staging, out, overwrite)
+        publish_folder(staging, out)
         report.written = True
     finally:
         if staging.exists():

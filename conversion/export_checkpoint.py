@@ -55,6 +55,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 import cim_models
+from cim_models.folders import check_output_folder, publish_folder, format_size
 from cim_models import CIMConfig
 from cim_models.enhancers import HF_HUB_ORGANIZATION, STOCK_ARCHITECTURES
 from cim_models.modeling_cim import create_enhancer
@@ -481,7 +482,7 @@ def build_model_card(
     )
 
 
-def enhancer_takes_img_size(enhancer: nn.Module) -> bool:
+def enhancer_takes_imgformat_size(enhancer: nn.Module) -> bool:
     """Whether the backbone's class is built for one input size (ViT) rather than any (ResNet)."""
     return "img_size" in inspect.signature(type(enhancer).__init__).parameters
 
@@ -489,7 +490,7 @@ def enhancer_takes_img_size(enhancer: nn.Module) -> bool:
 def _timm_call(name: str, config: CIMConfig, enhancer: nn.Module) -> str:
     """``timm.create_model`` arguments for the registered name, with the sizes that differ from it."""
     kwargs = dict(config.enhancer_kwargs)
-    if enhancer_takes_img_size(enhancer) and config.image_size != 224:
+    if enhancer_takes_imgformat_size(enhancer) and config.image_size != 224:
         kwargs["img_size"] = config.image_size
     return ", ".join([f'"{name}"', "pretrained=True", *(f"{k}={v!r}" for k, v in kwargs.items())])
 
@@ -633,31 +634,6 @@ def check_export(folder: Path, enhancer: nn.Module, config: CIMConfig) -> list[C
     return results
 
 
-def _out_is_occupied(out: Path) -> bool:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder; choose a folder path.")
-    return out.is_dir() and any(out.iterdir())
-
-
-def _publish(staging: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished staging folder to ``out`` in one rename (replacing ``out`` if allowed)."""
-    if _out_is_occupied(out):
-        if not overwrite:
-            raise ExportError(f"--out {out} is not empty; pass --overwrite to replace it.")
-        old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
-        out.rename(old)
-        try:
-            staging.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old)
-    else:
-        if out.is_dir():
-            out.rmdir()  # empty
-        staging.rename(out)
-
-
 @dataclass
 class ExportReport:
     out: Path
@@ -667,19 +643,11 @@ class ExportReport:
     def format(self) -> str:
         files = sorted(p for p in self.out.rglob("*") if p.is_file())
         lines = [f"Exported {self.out}:"]
-        lines += [f"  {p.relative_to(self.out)!s:32} {_size(p.stat().st_size):>10}" for p in files]
+        lines += [f"  {p.relative_to(self.out)!s:32} {format_size(p.stat().st_size):>10}" for p in files]
         lines.append("Reloaded and compared with the checkpoint's enhancer:")
         lines += [f"  {c.name}: max |diff| {c.max_abs_diff:.2g}" for c in self.checks]
         lines.append(f"Publish with: python conversion/push_to_hub.py --folder {self.out} --repo-id {self.repo_id}")
         return "\n".join(lines)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 def export(
@@ -691,10 +659,7 @@ def export(
 ) -> ExportReport:
     """Read, write to a staging folder, check, rename; raise ExportError (``out`` untouched) on failure."""
     out = Path(out)
-    if _out_is_occupied(out) and not overwrite:
-        raise ExportError(
-            f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder."
-        )
+    check_output_folder(out, overwrite, ExportError)
     checkpoint = read_checkpoint(Path(checkpoint_path))
     card = read_card_data(Path(card_data) if card_data else None)
     config = checkpoint.config
@@ -724,7 +689,7 @@ def export(
             raise ExportError(f"--card-data {card_data}: {err}") from err
         model_card.save(staging / "README.md")
         checks = check_export(staging, enhancer, config)
-        _publish(staging, out, overwrite)
+        publish_folder(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

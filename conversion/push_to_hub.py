@@ -19,6 +19,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from cim_models.folders import format_size
 
 try:  # huggingface_hub >= 2 talks through httpx2; its connection errors are not OSErrors
     from httpx2 import HTTPError as TransportError
@@ -66,10 +67,10 @@ def format_plan(
     total = sum(size for _, size in files)
     verb = "Would upload" if dry_run else "Uploading"
     lines = [
-        f"{verb} {len(files)} files ({_size(total)}) from {folder} to {constants.ENDPOINT}/{repo_id} "
+        f"{verb} {len(files)} files ({format_size(total)}) from {folder} to {constants.ENDPOINT}/{repo_id} "
         f"(revision {revision}, {'private' if private else 'public'}):"
     ]
-    lines += [f"  {name:40} {_size(size):>10}" for name, size in files]
+    lines += [f"  {name:40} {format_size(size):>10}" for name, size in files]
     return "\n".join(lines)
 
 
@@ -113,14 +114,6 @@ def push(
             "connection, or HF_ENDPOINT if you publish to another Hub."
         ) from err
     return getattr(commit, "commit_url", str(commit))
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

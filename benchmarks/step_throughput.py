@@ -1,0 +1,622 @@
+"""Images per second of a CIM training step, against a plain supervised step of the same enhancer.
+
+In one process, after warm-up, it alternates rounds of (a) a supervised step of the stock timm model
+(cross-entropy on random labels) and (b) the CIM step as a Trainer runs it (``CIMForPreTraining``
+forward, backward, gradient clipping, AdamW), with the same batch, precision, optimizer and compile
+setting. It reports the median step time and images/s of each, the ratio (b)/(a), FLOPs per step
+counted by ``torch.utils.flop_counter`` and the TFLOP/s that gives, peak memory, and a per-stage
+breakdown of (b) measured on separate instrumented steps that run the model's own submodules stage by
+stage (tokenize, generator forward+backward, sample + decode, enhancer forward+backward, optimizer).
+
+    export PYTHONPATH=.   # from the repository root; works without pip install -e .
+    python benchmarks/step_throughput.py --preset tiny --device cpu --threads 1    # seconds on CPU
+    python benchmarks/step_throughput.py --preset vit_base --precision bf16 --batch-size 128 --compile
+    python benchmarks/step_throughput.py --preset resnet50 --precision bf16 --batch-size 128 \\
+        --compile --channels-last --json resnet50.json
+
+The tokenizer is the DALL-E dVAE architecture with random weights (speed does not depend on them).
+It runs in its own precision whatever the step's: fp16 on CUDA, fp32 elsewhere (``DallETokenizer``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from cim_models import BlockMaskingGenerator, CIMConfig, CIMForPreTraining, sample_tokens
+from cim_models.enhancers import STOCK_ARCHITECTURES
+from cim_models.masking import masked_indices
+from cim_models.objectives import respix_loss, revdet_labels, revdet_loss, sliding_window_normalize
+from cim_models.tokenizers.dall_e import map_pixels
+from cim_models.tokenizers import DallETokenizer
+
+# The tiny DALL-E of the tests: the real code path, 0.24 M parameters.
+TINY_DALL_E = dict(random_init=True, n_hid=16, n_blk_per_group=1, vocab_size=512, n_init=32)
+
+# Generator width per SPEC.md: the enhancer's width (384 for ResNet-50), depth 4.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        enhancer="cim_vit_tiny_patch16_224",
+        enhancer_kwargs=dict(patch_size=8, depth=6),
+        image_size=64,
+        patch_size=8,
+        num_mask_patches=24,  # 75/196 of the 8x8 grid
+        generator_hidden_size=192,
+        tokenizer_kwargs=TINY_DALL_E,
+    ),
+    "tiny_resnet": dict(
+        enhancer="cim_resnet50",
+        enhancer_kwargs=dict(layers=(1, 1, 1, 1)),
+        image_size=64,
+        patch_size=8,
+        num_mask_patches=24,
+        generator_hidden_size=192,
+        tokenizer_kwargs=TINY_DALL_E,
+    ),
+    "vit_small": dict(enhancer="cim_vit_small_patch16_224", generator_hidden_size=384),
+    "vit_base": dict(enhancer="cim_vit_base_patch16_224", generator_hidden_size=768),
+    "resnet50": dict(enhancer="cim_resnet50", generator_hidden_size=384),
+}
+STAGES = ("tokenize", "generator", "sample_decode", "enhancer", "optimizer")
+STAGE_TITLES = {
+    "tokenize": "tokenize (encoder)",
+    "generator": "generator fwd+bwd",
+    "sample_decode": "sample + decode",
+    "enhancer": "enhancer fwd+bwd",
+    "optimizer": "optimizer",
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --- The CIM step, stage by stage ------------------------------------------------------------------
+
+
+class CIMStages:
+    """``CIMForPreTraining.forward`` cut into its stages, run with the model's own submodules.
+
+    It mirrors ``CIMForPreTraining.forward`` stage by stage, for timing and FLOP counting only, and
+    must be kept in sync with it (tests/test_benchmarks.py checks that both give the same losses).
+    ``run(batch, stage)`` wraps each stage in ``stage(name)`` (a timer or a FLOP counter) and
+    backpropagates each loss inside its own stage; the two losses share no graph, so this equals
+    backpropagating their sum.
+    """
+
+    def __init__(self, model: CIMForPreTraining, trainee: "Trainee"):
+        self.model, self.trainee = model, trainee
+
+    def run(self, batch: dict[str, torch.Tensor], stage: Callable[[str], Any]) -> None:
+        self.parts(batch, stage, backward=True)
+        with stage("optimizer"):
+            self.trainee.optimizer_step()
+
+    def parts(self, batch, stage, backward: bool) -> dict[str, torch.Tensor]:
+        """Forward (and, with ``backward``, each loss's backward) of the step, stage by stage."""
+        m, t = self.model, self.trainee
+        pixel_values = batch["pixel_values"]
+        batch_size = pixel_values.shape[0]
+        mask = batch["bool_masked_pos"].reshape(batch_size, -1).bool()  # (B, N)
+
+        with stage("tokenize"):  # the tokenizer sets its own precision; the step's autocast is moot
+            input_ids = m.tokenizer.encode(batch["tokenizer_pixel_values"])  # (B, h, w)
+
+        with stage("generator"):
+            with t.autocast():
+                masked_index = masked_indices(mask, m.config.num_mask_patches)  # (B, M)
+                logits = m.generator(pixel_values, mask, masked_index)  # (B, M, V)
+                masked_ids = input_ids.reshape(batch_size, -1).gather(1, masked_index)  # (B, M)
+                generator_loss = F.cross_entropy(logits.flatten(0, 1).float(), masked_ids.flatten())
+            if backward:
+                t.backward(generator_loss)
+
+        with stage("sample_decode"), t.autocast():
+            corrupted_ids = sample_tokens(
+                logits, input_ids, mask, m.config.sampling_temperature, masked_index
+            )
+            corrupted = m.tokenizer.decode(corrupted_ids)  # (B, 3, T, T)
+            corrupted = F.interpolate(
+                corrupted, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False
+            )
+            corrupted = corrupted.clamp(0, 1).to(pixel_values.dtype)
+
+        with stage("enhancer"):
+            with t.autocast():
+                features = m.enhancer.forward_features((corrupted - m.image_mean) / m.image_std)
+                prediction = m.enhancer_head(features)
+                replaced = revdet_labels(input_ids, corrupted_ids, mask)
+                if m.config.objective == "respix":
+                    original = pixel_values * m.image_std + m.image_mean
+                    target = sliding_window_normalize(original, m.config.window_size)
+                    enhancer_loss = respix_loss(prediction, target)
+                else:
+                    prediction = prediction.squeeze(1)
+                    enhancer_loss = revdet_loss(prediction, replaced)
+            if backward:
+                t.backward(m.config.enhancer_loss_weight * enhancer_loss)
+        return dict(
+            logits=logits,
+            masked_ids=masked_ids,
+            generator_loss=generator_loss,
+            enhancer_loss=enhancer_loss,
+            prediction=prediction,
+            corrupted=corrupted,
+            replaced=replaced,
+        )
+
+
+# --- Models, batches, steps ------------------------------------------------------------------------
+
+
+class Trainee:
+    """A model with its optimizer, autocast and GradScaler: what a Trainer step does to it."""
+
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, device: torch.device):
+        self.model, self.device = model, device
+        self.dtype = DTYPES[args.precision]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # never the tokenizer
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda"
+        )
+        self.scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+        self.max_grad_norm = args.max_grad_norm
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def optimizer_step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def cim_config(args: argparse.Namespace) -> CIMConfig:
+    preset = dict(PRESETS[args.preset])
+    if args.enhancer:
+        preset["enhancer"] = args.enhancer
+        preset["enhancer_kwargs"] = json.loads(args.enhancer_kwargs or "{}")
+    preset.setdefault("tokenizer_kwargs", {"random_init": True})
+    return CIMConfig(tokenizer="dall-e", objective=args.objective, **preset)
+
+
+def stock_model(config: CIMConfig) -> torch.nn.Module:
+    """The stock timm classifier of the enhancer's architecture, 1000 classes."""
+    name = STOCK_ARCHITECTURES.get(config.enhancer, config.enhancer)
+    kwargs = {"num_classes": 1000, "drop_path_rate": config.drop_path_rate, **config.enhancer_kwargs}
+    try:
+        return timm.create_model(name, **{"img_size": config.image_size, **kwargs})
+    except TypeError:  # CNNs take no img_size
+        return timm.create_model(name, **kwargs)
+
+
+def make_batch(model: CIMForPreTraining, batch_size: int, device, channels_last: bool, seed=0):
+    """Random images as the collator gives them: normalised view, tokenizer view in [0, 1], masks."""
+    rng = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    images = torch.rand(batch_size, 3, size, size, generator=rng)
+    tokenizer_view = F.interpolate(images, size=model.tokenizer_image_size, mode="area")
+    masking = BlockMaskingGenerator(model.config.grid_size, model.config.num_mask_patches)
+    masks = torch.stack([masking(rng) for _ in range(batch_size)])
+    mean, std = model.image_mean.cpu(), model.image_std.cpu()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    batch = {
+        "pixel_values": ((images - mean) / std).contiguous(memory_format=fmt),
+        "tokenizer_pixel_values": tokenizer_view.contiguous(memory_format=fmt),
+        "bool_masked_pos": masks,
+        "labels": torch.randint(0, 1000, (batch_size,), generator=rng),
+    }
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def compile_modules(model: torch.nn.Module, mode: str | None) -> None:
+    """torch.compile each module in place (``forward_features`` too, which the CIM step calls)."""
+    if isinstance(model, CIMForPreTraining):
+        model.generator.compile(mode=mode)
+        model.enhancer.forward_features = torch.compile(model.enhancer.forward_features, mode=mode)
+        model.enhancer_head.compile(mode=mode)
+        if isinstance(model.tokenizer, DallETokenizer):
+            model.tokenizer.encoder.compile(mode=mode)
+            decoder = model.tokenizer.decoder
+            decoder.forward_ids = torch.compile(decoder.forward_ids, mode=mode)
+    else:
+        model.compile(mode=mode)
+
+
+# --- Token agreement of the low-precision encoder ---------------------------------------------------
+
+
+def smooth_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """(count, 3, size, size) in [0, 1]: bicubic colour fields with a few flat discs and bars, the
+    smooth regions and hard edges of photos (uniform noise would be nothing like what a dVAE sees)."""
+    rng = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(count, 3, 4, 4, generator=rng)
+    images = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for image in images:
+        for _ in range(4):
+            cx, cy, r = (torch.rand(3, generator=rng) * torch.tensor([size, size, size / 3])).tolist()
+            colour = torch.rand(3, 1, 1, generator=rng)
+            if torch.rand((), generator=rng) < 0.5:
+                inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 2) ** 2
+            else:
+                inside = ((xx - cx).abs() <= r + 2) & ((yy - cy).abs() <= r / 2 + 2)
+            image.copy_(torch.where(inside, 0.3 * image + 0.7 * colour, image))
+    return images.clamp(0, 1)
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """No autocast and no TF32 (``main`` turns TF32 on for CUDA): the fp32 reference."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@torch.no_grad()
+def encoder_tokens(tokenizer: DallETokenizer, images: torch.Tensor, dtype: torch.dtype | None):
+    """DALL-E tokens with the encoder under ``dtype`` autocast (None: full fp32), bypassing the
+    tokenizer's own precision policy."""
+    x = map_pixels(images.float()).contiguous(memory_format=torch.channels_last)
+    if dtype is None:
+        with full_fp32(), torch.autocast(images.device.type, enabled=False):
+            return tokenizer.encoder(x).float().argmax(1)
+    with torch.autocast(images.device.type, dtype=dtype):
+        return tokenizer.encoder(x).float().argmax(1)
+
+
+def token_agreement(
+    tokenizer: DallETokenizer, images: torch.Tensor, dtype: torch.dtype | None = None,
+    batch_size: int = 32,
+) -> float:
+    """Fraction of positions where the tokenizer gives its full-fp32 token.
+
+    ``dtype=None`` tests the tokens as the CIM step gets them: ``tokenizer.encode`` in the precision
+    the tokenizer chooses itself (fp16 on CUDA, fp32 elsewhere). A dtype instead forces the encoder
+    under that autocast (e.g. bf16, to see why the tokenizer does not use it).
+    """
+    device = next(tokenizer.parameters()).device
+    agree = total = 0
+    for chunk in images.split(batch_size):
+        chunk = chunk.to(device)
+        expected = encoder_tokens(tokenizer, chunk, None)
+        if dtype is None:
+            tokens = tokenizer.encode(chunk)
+        else:
+            tokens = encoder_tokens(tokenizer, chunk, dtype)
+        agree += (tokens == expected).sum().item()
+        total += expected.numel()
+    return agree / total
+
+
+# --- Measurement -----------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageTimer:
+    """Wall time of named stages, synchronising the device at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, defaultdict(list)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.times[name].append(time.perf_counter() - start)
+
+
+class StageFlops:
+    """FLOPs of named stages, one FlopCounterMode each."""
+
+    def __init__(self):
+        self.flops = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.flops[name] = self.flops.get(name, 0) + counter.get_total_flops()
+
+
+def peak_memory(device: torch.device, step: Callable[[], None], base: int = 0) -> float:
+    """GiB: on CUDA the allocator's peak during one step minus ``base``; on CPU the process peak RSS."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def time_rounds(steps: dict[str, Callable[[], None]], total: int, rounds: int, device) -> dict:
+    """Alternate the workloads round by round; per-step seconds of each round, per workload."""
+    per_round = [total // rounds + (i < total % rounds) for i in range(rounds)]
+    times = {name: [] for name in steps}
+    for count in per_round:
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(count):
+                step()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) / count)
+    return times
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    info = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
+    parser.add_argument("--enhancer", help="timm name overriding the preset's enhancer")
+    parser.add_argument("--enhancer-kwargs", help="JSON kwargs for --enhancer")
+    parser.add_argument("--objective", choices=("respix", "revdet"), default="respix")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every module")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    parser.add_argument("--channels-last", action="store_true", help="model and inputs NHWC")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps of each workload")
+    parser.add_argument("--rounds", type=int, default=None, help="alternation rounds (<= steps)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (compiles)")
+    parser.add_argument("--breakdown-steps", type=int, default=None, help="instrumented CIM steps")
+    parser.add_argument("--max-grad-norm", type=float, default=3.0, help="0 turns clipping off")
+    parser.add_argument(
+        "--check-tokens", type=int, default=0, metavar="N",
+        help="also measure how often the step's tokens (the tokenizer's own precision: fp16 on "
+        "CUDA, fp32 elsewhere) equal full-fp32 tokens, on N smooth synthetic images",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    args.rounds = min(args.rounds or min(args.steps, 10), args.steps)
+    args.breakdown_steps = args.breakdown_steps or max(1, min(args.steps, 10))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(arguments)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    # (b) the CIM model: built, FLOP-counted (eager), compiled, warmed up, peak memory, first, so its
+    # peak memory is measured while nothing else is resident.
+    config = cim_config(args)
+    cim = CIMForPreTraining(config).to(device, memory_format=memory_format).train()
+    batch = make_batch(cim, args.batch_size, device, args.channels_last, args.seed)
+    cim_inputs = {k: batch[k] for k in ("pixel_values", "tokenizer_pixel_values", "bool_masked_pos")}
+    cim_trainee = Trainee(cim, args, device)
+    stages = CIMStages(cim, cim_trainee)
+
+    def cim_step() -> None:
+        with cim_trainee.autocast():
+            loss = cim(**cim_inputs).loss
+        cim_trainee.backward(loss)
+        cim_trainee.optimizer_step()
+
+    counter = StageFlops()
+    stages.parts(cim_inputs, counter, backward=True)  # forward + backward, no optimizer step
+    cim_trainee.optimizer.zero_grad(set_to_none=True)
+    agreement = None
+    if args.check_tokens:  # eager, before compiling
+        images = smooth_images(args.check_tokens, cim.tokenizer_image_size, args.seed)
+        agreement = token_agreement(cim.tokenizer, images)
+    if args.compile:
+        compile_modules(cim, args.compile_mode)
+    start = time.perf_counter()
+    for _ in range(max(args.warmup - 1, 0)):
+        cim_step()
+    cim_memory = peak_memory(device, cim_step)
+    cim_warmup_s = time.perf_counter() - start
+
+    # (a) the supervised step of the stock model.
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    stock = stock_model(config).to(device, memory_format=memory_format).train()
+    images, labels = batch["pixel_values"].clone(), batch["labels"]
+    stock_trainee = Trainee(stock, args, device)
+
+    def supervised_step() -> None:
+        with stock_trainee.autocast():
+            loss = F.cross_entropy(stock(images).float(), labels)
+        stock_trainee.backward(loss)
+        stock_trainee.optimizer_step()
+
+    with FlopCounterMode(display=False) as supervised_counter:
+        with stock_trainee.autocast():
+            loss = F.cross_entropy(stock(images).float(), labels)
+        stock_trainee.backward(loss)
+    stock_trainee.optimizer.zero_grad(set_to_none=True)
+    if args.compile:
+        compile_modules(stock, args.compile_mode)
+    start = time.perf_counter()
+    for _ in range(max(args.warmup - 1, 0)):
+        supervised_step()
+    supervised_memory = peak_memory(device, supervised_step, base)
+    supervised_warmup_s = time.perf_counter() - start
+
+    # Alternating timed rounds, then the instrumented CIM steps.
+    times = time_rounds(
+        {"supervised": supervised_step, "cim": cim_step}, args.steps, args.rounds, device
+    )
+    timer = StageTimer(device)
+    whole = []
+    for _ in range(args.breakdown_steps):
+        start = time.perf_counter()
+        stages.run(cim_inputs, timer)
+        whole.append(time.perf_counter() - start)
+
+    flops = {
+        "supervised": supervised_counter.get_total_flops(),
+        "cim": sum(counter.flops.values()),
+    }
+    memory = {"supervised": supervised_memory, "cim": cim_memory}
+    warmup_s = {"supervised": supervised_warmup_s, "cim": cim_warmup_s}
+    results: dict[str, Any] = {}
+    for name in ("supervised", "cim"):
+        step_s = statistics.median(times[name])
+        results[name] = {
+            "step_ms": 1e3 * step_s,
+            "images_per_s": args.batch_size / step_s,
+            "best_step_ms": 1e3 * min(times[name]),  # the least disturbed round on a shared host
+            "round_step_ms": [1e3 * t for t in times[name]],
+            "gflop_per_image": flops[name] / args.batch_size / 1e9,
+            "tflop_per_s": flops[name] / step_s / 1e12,
+            "peak_memory_gib": memory[name],
+            "warmup_s": warmup_s[name],
+        }
+    stage_ms = {s: 1e3 * statistics.median(timer.times[s]) for s in STAGES}
+    results["cim"]["stages_ms"] = stage_ms
+    results["cim"]["stages_sum_ms"] = sum(stage_ms.values())
+    results["cim"]["instrumented_step_ms"] = 1e3 * statistics.median(whole)
+    results["cim"]["stages_gflop_per_image"] = {
+        s: counter.flops.get(s, 0) / args.batch_size / 1e9 for s in STAGES
+    }
+    if agreement is not None:
+        results["token_agreement"] = agreement
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "benchmarks/step_throughput.py", *arguments]),
+        "hardware": hardware(device),
+        "config": {
+            "preset": args.preset,
+            "enhancer": config.enhancer,
+            "stock_model": STOCK_ARCHITECTURES.get(config.enhancer, config.enhancer),
+            "enhancer_kwargs": config.enhancer_kwargs,
+            "objective": args.objective,
+            "image_size": config.image_size,
+            "tokenizer_image_size": cim.tokenizer_image_size,
+            "mask": f"{config.num_mask_patches} of {config.grid_size}x{config.grid_size}",
+            "generator": f"depth {config.generator_num_hidden_layers}, "
+            f"width {config.generator_hidden_size}",
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "compile": args.compile,
+            "compile_mode": args.compile_mode,
+            "channels_last": args.channels_last,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "breakdown_steps": args.breakdown_steps,
+            "max_grad_norm": args.max_grad_norm,
+            "tokenizer_precision": "fp16" if device.type == "cuda" else "fp32",
+            "check_tokens": args.check_tokens,
+            "peak_memory": "cuda max_memory_allocated in one step" if device.type == "cuda"
+            else "process peak RSS (CPU)",
+        },
+        **results,
+        "ratio": results["cim"]["images_per_s"] / results["supervised"]["images_per_s"],
+    }
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    c, hw = report["config"], report["hardware"]
+    where = hw.get("gpu", f"{hw['cpu']}, torch threads: {hw['cpu_threads']}")
+    flags = [c["precision"]] + ["compiled"] * c["compile"] + ["channels_last"] * c["channels_last"]
+    print(
+        f"{c['preset']} ({c['enhancer']}), {c['objective']}, batch {c['batch_size']}, "
+        f"{', '.join(flags)}; {hw['device']} ({where}), torch {hw['torch']}"
+    )
+    print(
+        f"{'step':<26} | {'ms/step':>9} | {'img/s':>8} | {'GFLOP/img':>9} | {'TFLOP/s':>8} | "
+        f"{'peak GiB':>8}"
+    )
+    for name, title in (("supervised", f"(a) {c['stock_model']}"), ("cim", "(b) CIM")):
+        r = report[name]
+        print(
+            f"{title:<26} | {r['step_ms']:9.1f} | {r['images_per_s']:8.1f} | "
+            f"{r['gflop_per_image']:9.2f} | {r['tflop_per_s']:8.3f} | {r['peak_memory_gib']:8.2f}"
+        )
+    print(f"ratio (b)/(a): {report['ratio']:.3f}x  (peak memory: {c['peak_memory']})")
+    if "token_agreement" in report:
+        print(
+            f"tokens ({c['tokenizer_precision']}, as the step runs the tokenizer) equal to "
+            f"full-fp32 ones: {100 * report['token_agreement']:.2f} % of positions "
+            f"({c['check_tokens']} smooth synthetic images)"
+        )
+    cim = report["cim"]
+    print(f"CIM stages, median of {c['breakdown_steps']} instrumented steps:")
+    for stage in STAGES:
+        ms = cim["stages_ms"][stage]
+        print(
+            f"  {STAGE_TITLES[stage]:<20} {ms:9.2f} ms  {100 * ms / cim['stages_sum_ms']:5.1f} %  "
+            f"{cim['stages_gflop_per_image'][stage]:8.2f} GFLOP/img"
+        )
+    print(
+        f"  {'sum of stages':<20} {cim['stages_sum_ms']:9.2f} ms; instrumented step "
+        f"{cim['instrumented_step_ms']:.2f} ms; uninstrumented step {cim['step_ms']:.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
