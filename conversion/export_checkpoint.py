@@ -55,6 +55,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 import cim_models
+from cim_models.evaluation.results import FORMAT as RESULTS_FORMAT
+from cim_models.evaluation.results import card_results, read_results
 from cim_models.folders import check_output_folder, publish_folder, format_size
 from cim_models import CIMConfig
 from cim_models.enhancers import HF_HUB_ORGANIZATION, STOCK_ARCHITECTURES
@@ -243,20 +245,33 @@ def _run_recipe(path: Path) -> dict[str, Any]:
     return recipe
 
 
-def read_card_data(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ExportError(f"--card-data {path} is not a readable JSON file ({err}).") from err
-    if not isinstance(data, dict):
-        raise ExportError(f"--card-data {path} must hold a JSON object, got {type(data).__name__}.")
-    for i, result in enumerate(data.get("results") or []):
+def read_card_data(paths: list[Path]) -> dict[str, Any]:
+    """Merge card-data files and the results files of ``cim-eval`` / ``cim-finetune``: a results file
+    adds its rows to ``results``, value for value; later card-data keys override earlier ones."""
+    card: dict[str, Any] = {}
+    results: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ExportError(f"--card-data {path} is not a readable JSON file ({err}).") from err
+        if not isinstance(data, dict):
+            raise ExportError(f"--card-data {path} must hold a JSON object, got {type(data).__name__}.")
+        if data.get("format") == RESULTS_FORMAT:
+            try:
+                results += card_results(read_results(path))
+            except ValueError as err:
+                raise ExportError(f"--card-data {err}") from err
+            continue
+        results += data.get("results") or []
+        card.update(data)
+    for i, result in enumerate(results):
         missing = [k for k in ("task", "dataset", "metric", "value") if k not in result]
         if missing:
-            raise ExportError(f"--card-data {path}: results[{i}] lacks {missing}; see model_cards/README.md.")
-    return data
+            raise ExportError(f"--card-data: results[{i}] lacks {missing}; see model_cards/README.md.")
+    if results:
+        card["results"] = results
+    return card
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -653,7 +668,7 @@ class ExportReport:
 def export(
     checkpoint_path: str | os.PathLike,
     out: str | os.PathLike,
-    card_data: str | os.PathLike | None = None,
+    card_data: str | os.PathLike | list[str | os.PathLike] | None = None,
     with_pretraining: bool = False,
     overwrite: bool = False,
 ) -> ExportReport:
@@ -661,7 +676,8 @@ def export(
     out = Path(out)
     check_output_folder(out, overwrite, ExportError)
     checkpoint = read_checkpoint(Path(checkpoint_path))
-    card = read_card_data(Path(card_data) if card_data else None)
+    card_files = [card_data] if isinstance(card_data, (str, os.PathLike)) else list(card_data or [])
+    card = read_card_data([Path(p) for p in card_files])
     config = checkpoint.config
     tag = default_tag(config, card)
     repo_id = card.get("repo_id") or default_repo_id(config, tag)
@@ -712,7 +728,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (RUN/checkpoint-N)")
     parser.add_argument("--out", required=True, help="output folder (created; must be empty)")
-    parser.add_argument("--card-data", help="JSON with the model card's data (see model_cards/README.md)")
+    parser.add_argument(
+        "--card-data", nargs="+", default=[],
+        help="JSON files for the model card: card data (see model_cards/README.md) and/or the results "
+        "files of cim-eval / cim-finetune (their numbers go into the card's results and model-index)",
+    )
     parser.add_argument("--with-pretraining", action="store_true",
                         help="also write pretraining/: generator + enhancer, to continue pre-training")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -423,6 +423,30 @@ def test_model_card_reports_only_the_results_it_was_given(hub):
     assert card.data.base_model == "org/parent"
 
 
+def test_model_card_takes_the_numbers_of_eval_results_files(hub, tmp_path):
+    from cim_models.evaluation.results import build_results, write_results
+
+    dataset = {"name": "synthetic-shapes", "source": "built-in", "train_split": "train", "split": "validation",
+               "num_classes": 10}
+    files = [
+        write_results(build_results(task, protocol, "run", "/run", dataset, metrics, {"k": 20}, 300, 100, 1.0),
+                      tmp_path / task)
+        for task, protocol, metrics in (
+            ("knn", "kNN (k=20, T=0.07)", {"top1": 0.4567, "top5": 0.9}),
+            ("finetune", "fine-tuning, tiny preset", {"top1": 0.8123, "top5": 0.99}),
+        )
+    ]
+    card = export_checkpoint.read_card_data(files)
+    text = _card(hub, {**card, "datasets": ["synthetic-shapes"]}).text
+    for path in files:
+        saved = json.loads(path.read_text())
+        for value in saved["metrics"].values():
+            assert f"| {saved['protocol']} | synthetic-shapes | validation |" in text
+            assert f"| {value} |" in text
+    values = sorted(r.metric_value for r in _card(hub, card).data.eval_results)
+    assert values == sorted(v for p in files for v in json.loads(p.read_text())["metrics"].values())
+
+
 def test_model_card_marks_a_spec_training_recipe_as_default(hub):
     training = {"epochs": 300, "global_batch_size": 1024, "learning_rate": 7.5e-4, "precision": "fp16"}
     text = _card(hub, {"training": training}).text
