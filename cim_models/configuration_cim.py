@@ -10,7 +10,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 OBJECTIVES = ("respix", "revdet")
-TOKENIZERS = ("dall-e", "palette")
+TOKENIZERS = ("dall-e", "palette", "codebook")
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 # The timm half of an exported Hub repo's config.json (conversion/export_checkpoint.py). timm reads it; a
