@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from cim_models.folders import check_output_folder, publish_folder
+from cim_models.hub.folders import check_output_folder, publish_folder
 from cim_models.tokenizers.dall_e import DECODER_FILE, ENCODER_FILE, DallETokenizer
 
 CONFIG_FILE = "config.json"

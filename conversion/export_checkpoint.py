@@ -57,7 +57,7 @@ from transformers import PretrainedConfig
 import cim_models
 from cim_models.evaluation.results import FORMAT as RESULTS_FORMAT
 from cim_models.evaluation.results import card_results, read_results
-from cim_models.folders import check_output_folder, publish_folder, format_size
+from cim_models.hub.folders import check_output_folder, publish_folder, format_size
 from cim_models import CIMConfig
 from cim_models.enhancers import HF_HUB_ORGANIZATION, STOCK_ARCHITECTURES
 from cim_models.modeling_cim import create_enhancer

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-from cim_models.folders import format_size
+from cim_models.hub.folders import format_size
 
 try:  # huggingface_hub >= 2 talks through httpx2; its connection errors are not OSErrors
     from httpx2 import HTTPError as TransportError
