@@ -1,8 +1,15 @@
 """CIMConfig: every hyper-parameter of a CIM model, as a transformers ``PretrainedConfig``.
 
-This file imports only transformers, so it can travel inside a Hub repo for ``trust_remote_code``.
-Defaults marked [paper] come from Fang et al. (2023); [BEiT] from BEiT's code; [ours] are this
-project's choices where the paper is silent (see SPEC.md). Model cards print all of them.
+Defaults marked [paper] come from Fang et al., "Corrupted Image Modeling for Self-Supervised Visual
+Pre-Training" (ICLR 2023); [BEiT] from BEiT's code; [ours] are this project's choices where the
+paper is silent. Model cards print all of them.
+
+Two layouts of ``config.json`` load into a CIMConfig:
+
+- a checkpoint (``save_pretrained``, the Trainer): the fields at the top, ``model_type: "cim"``;
+- an exported Hub repo (``cim-export``): timm's config (``architecture``, ``model_args``,
+  ``pretrained_cfg``, no ``model_type``), which plain timm and transformers' built-in timm wrapper
+  read, with the CIMConfig under the key ``"cim_config"``.
 """
 
 from __future__ import annotations
@@ -13,19 +20,26 @@ OBJECTIVES = ("respix", "revdet")
 TOKENIZERS = ("dall-e", "palette", "codebook")
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-# The timm half of an exported Hub repo's config.json (conversion/export_checkpoint.py). timm reads it; a
-# CIMConfig leaves it out, so that a model loaded from the Hub and saved again does not carry timm
-# metadata that no longer describes its weights (e.g. after fine-tuning adds a classifier).
+# Where an exported repo's config.json keeps the CIMConfig, next to timm's keys.
+EXPORT_CONFIG_KEY = "cim_config"
+# timm's keys of an exported config.json. A CIMConfig leaves them out, so that a model loaded from
+# the Hub and saved again does not carry timm metadata that no longer describes its weights (e.g.
+# after fine-tuning adds a classifier).
 TIMM_CONFIG_KEYS = (
-    "architecture", "num_classes", "num_features", "global_pool", "model_args", "pretrained_cfg",
+    "architecture",
+    "num_classes",
+    "num_features",
+    "global_pool",
+    "model_args",
+    "pretrained_cfg",
     "image_processor_type",
 )
 
 
 class CIMConfig(PretrainedConfig):
     r"""
-    Configuration of a CIM model: the enhancer (the backbone that is kept), the generator, the frozen
-    tokenizer and the corruption, and the enhancer objective.
+    Configuration of a CIM model: the enhancer (the backbone that is kept), the generator, the
+    frozen tokenizer and the corruption, and the enhancer objective.
 
     Args:
         enhancer (`str`, defaults to `"cim_vit_base_patch16_224"`):
@@ -33,31 +47,41 @@ class CIMConfig(PretrainedConfig):
         enhancer_kwargs (`dict`, *optional*):
             Extra keyword arguments for `timm.create_model` (e.g. `img_size`, `depth`).
         enhancer_architecture (`str`, *optional*):
-            The stock timm architecture the enhancer's weights load into (e.g. `vit_base_patch16_224`);
-            lets `modeling_cim.py` build the backbone where `cim_models` is not installed.
-        drop_path_rate (`float`, defaults to 0.1): stochastic depth of the enhancer [ours, BEiT recipe].
-        objective (`str`, defaults to `"respix"`): `"respix"` (restore pixels) or `"revdet"` (detect
-            replaced tokens) [paper].
+            The stock timm architecture the enhancer's weights load into (e.g.
+            `vit_base_patch16_224`); used when the `enhancer` name is not registered with timm.
+        hidden_size (`int`, *optional*): the enhancer's feature width (timm `num_features`); set
+            when the enhancer is built. DeepSpeed's "auto" values read it.
+        drop_path_rate (`float`, defaults to 0.1): stochastic depth of the enhancer [ours, BEiT
+            recipe].
+        objective (`str`, defaults to `"respix"`): `"respix"` (restore pixels) or `"revdet"`
+            (detect replaced tokens) [paper].
         image_size (`int`, defaults to 224): enhancer and generator input size [paper].
-        patch_size (`int`, defaults to 16): stride of the visual-token grid in input pixels; the grid is
-            `image_size / patch_size` on each side and the tokenizer sees `grid * downsample` pixels.
-        image_mean, image_std (`list[float]`): normalisation of `pixel_values` and of the enhancer's
-            corrupted input [ours: ImageNet defaults].
-        generator_hidden_size (`int`, *optional*): generator width; defaults to the enhancer's width
-            (384 for ResNet-50) [ours].
+        patch_size (`int`, defaults to 16): stride of the visual-token grid in input pixels; the
+            grid is `image_size / patch_size` on each side and the tokenizer sees
+            `grid * downsample` pixels.
+        image_mean, image_std (`list[float]`): normalisation of `pixel_values` and of the
+            enhancer's corrupted input [ours: ImageNet defaults].
+        generator_hidden_size (`int`, *optional*): generator width; defaults to the enhancer's
+            width (384 for ResNet-50) [ours].
         generator_num_hidden_layers (`int`, defaults to 4) [ours].
         generator_num_attention_heads (`int`, *optional*): defaults to width / 64 [ours].
         generator_layer_scale_init_value (`float`, defaults to 0.1) [paper, BEiT].
-        tokenizer (`str`, defaults to `"dall-e"`): `"dall-e"` [paper, BEiT] or `"palette"` (weightless).
-        tokenizer_weights (`str`, *optional*): folder or Hub repo with the converted DALL-E weights.
-        tokenizer_kwargs (`dict`, *optional*): extra tokenizer arguments (`random_init`, `cell_size`, ...).
-        save_tokenizer_weights (`bool`, defaults to `False`): include the frozen tokenizer in checkpoints.
+        tokenizer (`str`, defaults to `"dall-e"`): `"dall-e"` [paper, BEiT], `"palette"`
+            (weightless) or `"codebook"` (a patch codebook fitted to the data).
+        tokenizer_weights (`str`, *optional*): folder or Hub repo with the converted DALL-E
+            weights.
+        tokenizer_kwargs (`dict`, *optional*): extra tokenizer arguments (`random_init`,
+            `cell_size`, ...).
+        save_tokenizer_weights (`bool`, defaults to `False`): include the frozen tokenizer in
+            checkpoints.
         vocab_size (`int`, *optional*): set from the tokenizer when the model is built.
         num_mask_patches (`int`, defaults to 75): masked patches per image [BEiT; ours for CIM].
         min_mask_patches_per_block (`int`, defaults to 16) [BEiT].
-        sampling_temperature (`float`, defaults to 1.0): temperature of the generator's samples [ours].
+        sampling_temperature (`float`, defaults to 1.0): temperature of the generator's samples
+            [ours].
         window_size (`int`, defaults to 16): ResPix sliding-window size [ours].
-        enhancer_loss_weight (`float`, defaults to 1.0): lambda in L = L_gen + lambda * L_enh [ours].
+        enhancer_loss_weight (`float`, defaults to 1.0): lambda in L = L_gen + lambda * L_enh
+            [ours].
         initializer_range (`float`, defaults to 0.02): init of heads added on top of the enhancer.
     """
 
@@ -66,6 +90,7 @@ class CIMConfig(PretrainedConfig):
     enhancer: str = "cim_vit_base_patch16_224"
     enhancer_kwargs: dict | None = None
     enhancer_architecture: str | None = None
+    hidden_size: int | None = None
     drop_path_rate: float = 0.1
     objective: str = "respix"
     image_size: int = 224
@@ -97,6 +122,13 @@ class CIMConfig(PretrainedConfig):
         self.image_std = list(self.image_std or IMAGENET_DEFAULT_STD)
         super().__post_init__(**kwargs)
         self.validate_cim()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> CIMConfig:
+        """Also reads an exported repo's config.json: the CIMConfig under ``"cim_config"``."""
+        if isinstance(config_dict.get(EXPORT_CONFIG_KEY), dict):
+            config_dict = config_dict[EXPORT_CONFIG_KEY]
+        return super().from_dict(dict(config_dict), **kwargs)
 
     def validate_cim(self) -> None:
         if self.objective not in OBJECTIVES:

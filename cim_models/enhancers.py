@@ -1,11 +1,15 @@
 """CIM enhancers registered as timm models.
 
-The enhancers are architecturally the stock timm ``VisionTransformer`` and ``ResNet`` (the paper keeps
-them vanilla), so their weights load with ``strict=True`` into ``vit_*_patch16_224`` / ``resnet50`` with
-``num_classes=0``. What the registration adds is the pretrained metadata: the Hub repos of the CIM
-checkpoints, the preprocessing they were trained with, licence and paper.
+The enhancers are architecturally the stock timm ``VisionTransformer`` and ``ResNet`` (the paper
+keeps them vanilla), so their weights load with ``strict=True`` into ``vit_*_patch16_224`` /
+``resnet50`` with ``num_classes=0``. What the registration adds is the pretrained metadata (the Hub
+repos of the CIM checkpoints, the preprocessing they were trained with, licence and paper) and the
+pooled feature of the ViTs: the mean of the patch tokens after the final norm
+(``global_pool="avg"``, ``fc_norm=False``, which keeps the stock state dict). CIM's losses reach the
+patch tokens only, so the class token is never trained; BEiT fine-tunes from the same mean.
 
-``import cim_models`` runs this module: timm has no plugin mechanism, so the names exist only after it.
+``import cim_models`` runs this module: timm has no plugin mechanism, so the names exist only after
+it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from timm.models.resnet import Bottleneck, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
@@ -21,7 +30,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoi
 # Every published CIM checkpoint lives under this Hub organisation: change it here, and only here.
 HF_HUB_ORGANIZATION = "cim-models"
 
-# Stock timm architecture of each CIM enhancer: exported repos name it so they load without cim_models.
+# Stock timm architecture of each CIM enhancer: exported repos name it, so that they load where
+# cim_models is not installed.
 STOCK_ARCHITECTURES = {
     "cim_vit_tiny_patch16_224": "vit_tiny_patch16_224",
     "cim_vit_small_patch16_224": "vit_small_patch16_224",
@@ -38,12 +48,14 @@ _PRETRAINING_PREFIXES = ("generator.", "enhancer_head.", "tokenizer.")
 def checkpoint_filter_fn(state_dict: dict[str, Any], model) -> dict[str, Any]:
     """Accept an exported enhancer or a whole ``CIMForPreTraining`` state dict; keep the enhancer.
 
-    Pretraining keys (generator, heads, ``mask_token``) are dropped before timm's ViT filter, which would
-    otherwise mistake a top-level ``mask_token`` for a DINOv2 checkpoint.
+    Pretraining keys (generator, heads, ``mask_token``) are dropped before timm's ViT filter, which
+    would otherwise mistake a top-level ``mask_token`` for a DINOv2 checkpoint.
     """
     state_dict = state_dict.get("model", state_dict)
     if any(k.startswith("enhancer.") for k in state_dict):
-        state_dict = {k[len("enhancer."):]: v for k, v in state_dict.items() if k.startswith("enhancer.")}
+        state_dict = {
+            k[len("enhancer.") :]: v for k, v in state_dict.items() if k.startswith("enhancer.")
+        }
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_PRETRAINING_PREFIXES)}
     if isinstance(model, VisionTransformer):
         state_dict = _vit_checkpoint_filter_fn(state_dict, model)
@@ -73,27 +85,36 @@ def _cfg(variant: str, tag: str, **kwargs) -> dict[str, Any]:
 
 def _resnet_cfg(variant: str, tag: str, **kwargs) -> dict[str, Any]:
     return _cfg(
-        variant, tag, fixed_input_size=False, pool_size=(7, 7), crop_pct=0.95, first_conv="conv1",
-        classifier="fc", **kwargs,
+        variant,
+        tag,
+        fixed_input_size=False,
+        pool_size=(7, 7),
+        crop_pct=0.95,
+        first_conv="conv1",
+        classifier="fc",
+        **kwargs,
     )
 
 
 def _tags(variant: str, cfg_fn=_cfg, repo_variant: str | None = None) -> dict[str, dict[str, Any]]:
-    # The first tag is the default one that pretrained=True resolves to; aliases share their target's repo.
+    # The first tag is the default one that pretrained=True resolves to; aliases share their
+    # target's repo.
     repo_variant = repo_variant or variant
     return {f"{variant}.{tag}": cfg_fn(repo_variant, tag) for tag in ("respix_in1k", "revdet_in1k")}
 
 
-default_cfgs = generate_default_cfgs({
-    **_tags("cim_vit_tiny_patch16_224"),
-    **_tags("cim_vit_small_patch16_224"),
-    **_tags("cim_vit_base_patch16_224"),
-    **_tags("cim_vit_large_patch16_224"),
-    **_tags("cim_resnet50", _resnet_cfg),
-    **_tags("cim_vit_small", repo_variant="cim_vit_small_patch16_224"),
-    **_tags("cim_vit_base", repo_variant="cim_vit_base_patch16_224"),
-    **_tags("cim_vit_large", repo_variant="cim_vit_large_patch16_224"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        **_tags("cim_vit_tiny_patch16_224"),
+        **_tags("cim_vit_small_patch16_224"),
+        **_tags("cim_vit_base_patch16_224"),
+        **_tags("cim_vit_large_patch16_224"),
+        **_tags("cim_resnet50", _resnet_cfg),
+        **_tags("cim_vit_small", repo_variant="cim_vit_small_patch16_224"),
+        **_tags("cim_vit_base", repo_variant="cim_vit_base_patch16_224"),
+        **_tags("cim_vit_large", repo_variant="cim_vit_large_patch16_224"),
+    }
+)
 
 
 def _build(model_cls: type, variant: str, pretrained: bool, **kwargs):
@@ -109,20 +130,32 @@ def _build(model_cls: type, variant: str, pretrained: bool, **kwargs):
             pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
         )
         name = f"{variant}.{cfg.tag}" if cfg.tag else variant
-        source = f"the file {cfg.file!r}" if cfg.file else f"the Hugging Face Hub repo {cfg.hf_hub_id!r}"
+        if cfg.file:
+            problem = f"the file {cfg.file!r} cannot be read"
+        else:
+            problem = (
+                f"the Hugging Face Hub repo {cfg.hf_hub_id!r} is not published yet or cannot be "
+                "reached from here"
+            )
         raise OSError(
-            f"Could not load the pretrained weights of {name} from {source} ({type(err).__name__}: {err})\n"
-            f"- Not published yet? Export a CIM checkpoint and publish it under that repo id:\n"
-            f"    python conversion/export_checkpoint.py --checkpoint RUN/checkpoint-N --out DIR\n"
-            f"    python conversion/push_to_hub.py --folder DIR --repo-id {cfg.hf_hub_id}\n"
-            f"- Or load a local file: timm.create_model({variant!r}, pretrained=True, "
+            f"Could not load the pretrained weights of {name}: {problem} "
+            f"({type(err).__name__}: {err})\n"
+            f"- To publish it: export a CIM checkpoint, then upload it under that repo id:\n"
+            f"    cim-export --checkpoint RUN/checkpoint-N --out DIR\n"
+            f"    cim-push --folder DIR --repo-id {cfg.hf_hub_id}\n"
+            f"- To load your own export from its folder:\n"
+            f"    timm.create_model({variant!r}, pretrained=True, "
             f"pretrained_cfg_overlay=dict(file='DIR/model.safetensors'))\n"
-            f"- Offline (HF_HUB_OFFLINE=1), the repo must already be in the Hub cache (HF_HUB_CACHE)."
+            f"    timm.create_model('local-dir:DIR', pretrained=True)\n"
+            f"- Published on another Hub? Set HF_ENDPOINT to it. Offline (HF_HUB_OFFLINE=1), the "
+            f"repo must already be in the Hub cache (HF_HUB_CACHE)."
         ) from err
 
 
 def _create_cim_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
+    # Mean of the patch tokens after the final norm; fc_norm=False keeps the stock state dict.
+    kwargs = dict(dict(global_pool="avg", fc_norm=False), **kwargs)
     return _build(
         VisionTransformer,
         variant,

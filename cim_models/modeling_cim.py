@@ -1,19 +1,24 @@
 """The CIM enhancer as a transformers model: the shared base class, the backbone and the classifier.
 
-This file imports only torch, timm, transformers and ``configuration_cim``, so it can travel inside a
-Hub repo and load with ``trust_remote_code=True`` where ``cim_models`` is not installed.
+Every CIM model keeps the timm enhancer as ``self.enhancer``, and
+``base_model_prefix = "enhancer"``: ``from_pretrained`` then adds or strips that prefix per key, so
+one file loads everywhere. A Hub repo's ``model.safetensors`` (timm key names:
+``blocks.0.attn.qkv.weight``), a ``CIMModel`` checkpoint and a whole ``CIMForPreTraining``
+checkpoint (``enhancer.*`` next to ``generator.*``) all load into ``CIMModel`` and
+``CIMForImageClassification``.
 
-Every CIM model keeps the timm enhancer as ``self.enhancer``, and ``base_model_prefix = "enhancer"``:
-``from_pretrained`` then adds or strips that prefix per key, so one file loads everywhere. A Hub
-repo's ``model.safetensors`` (timm key names: ``blocks.0.attn.qkv.weight``), a ``CIMModel`` checkpoint
-and a whole ``CIMForPreTraining`` checkpoint (``enhancer.*`` next to ``generator.*``) all load into
-``CIMModel`` and ``CIMForImageClassification``.
+The pooled feature of a ViT enhancer is the mean of its patch tokens after the final norm: CIM's
+losses reach the patch tokens only, so the class token is never trained (Fang et al., 2023; BEiT
+fine-tunes from the same mean). CNN enhancers average their last feature map.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
@@ -28,7 +33,9 @@ def create_enhancer(config: CIMConfig) -> nn.Module:
     """The timm backbone named by ``config.enhancer`` with ``num_classes=0``.
 
     Falls back to ``config.enhancer_architecture`` (a stock timm name) when the CIM name is not
-    registered, i.e. when ``cim_models`` was not imported.
+    registered. A ViT that would pool its class token pools the mean of its patch tokens instead,
+    unless ``enhancer_kwargs`` name a ``global_pool``. Sets ``config.hidden_size`` to the feature
+    width.
     """
     name = config.enhancer
     if not timm.is_model(name):
@@ -43,9 +50,48 @@ def create_enhancer(config: CIMConfig) -> nn.Module:
     kwargs = {"num_classes": 0, "drop_path_rate": config.drop_path_rate, **config.enhancer_kwargs}
     try:
         # Token backbones are built for the configured input size; CNNs take no img_size argument.
-        return timm.create_model(name, **{"img_size": config.image_size, **kwargs})
+        enhancer = timm.create_model(name, **{"img_size": config.image_size, **kwargs})
     except TypeError:
-        return timm.create_model(name, **kwargs)
+        enhancer = timm.create_model(name, **kwargs)
+    if (
+        isinstance(enhancer, VisionTransformer)
+        and enhancer.global_pool == "token"
+        and "global_pool" not in config.enhancer_kwargs
+    ):
+        # The final norm stays where it is (no fc_norm), so the state dict is unchanged.
+        enhancer.reset_classifier(0, global_pool="avg")
+    config.hidden_size = enhancer.num_features
+    return enhancer
+
+
+def enhancer_forward(
+    enhancer: nn.Module, pixel_values: torch.Tensor, output_hidden_states: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """``(features, pooled, hidden_states)`` of a timm backbone.
+
+    ``hidden_states`` (when asked for) of a token backbone with ``blocks`` (ViT, BEiT) are the
+    embeddings and every block's output, prefix tokens included, each (B, 1 + N, D), as in
+    transformers' ViT; of any other backbone, timm's ``forward_intermediates`` (stage maps).
+    """
+    hidden_states = None
+    blocks = getattr(enhancer, "blocks", None)
+    if not output_hidden_states:
+        features = enhancer.forward_features(pixel_values)
+    elif isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
+        states: list[torch.Tensor] = []
+        handles = [blocks[0].register_forward_pre_hook(lambda _, args: states.append(args[0]))]
+        handles += [b.register_forward_hook(lambda *io: states.append(io[2])) for b in blocks]
+        try:
+            features = enhancer.forward_features(pixel_values)
+        finally:
+            for handle in handles:
+                handle.remove()
+        hidden_states = tuple(states)
+    else:
+        features, intermediates = enhancer.forward_intermediates(pixel_values)
+        hidden_states = tuple(intermediates)
+    pooled = enhancer.forward_head(features, pre_logits=True)  # (B, num_features)
+    return features, pooled, hidden_states
 
 
 class CIMPreTrainedModel(PreTrainedModel):
@@ -56,12 +102,12 @@ class CIMPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Block", "Bottleneck"]
+    _no_split_modules: ClassVar[list[str]] = ["Block", "Bottleneck"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        # timm modules initialise themselves at construction. from_pretrained builds on the meta device
-        # and refills non-persistent buffers (BEiT's relative_position_index) with empty tensors, so
-        # recompute those.
+        # timm modules initialise themselves at construction. from_pretrained builds on the meta
+        # device and refills non-persistent buffers (BEiT's relative_position_index) with empty
+        # tensors, so recompute those.
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
 
@@ -74,9 +120,10 @@ class CIMPreTrainedModel(PreTrainedModel):
 class CIMModel(CIMPreTrainedModel):
     """The pre-trained enhancer alone, as a transformers backbone.
 
-    ``last_hidden_state`` is timm's ``forward_features``: (B, 1 + N, D) tokens for a ViT, a
-    (B, C, H/32, W/32) map for a ResNet. ``pooler_output`` is timm's pooled pre-logits feature
-    (``forward_head(..., pre_logits=True)``): the class token for a ViT, the average for a ResNet.
+    ``last_hidden_state`` is timm's ``forward_features``: (B, 1 + N, D) tokens after the final norm
+    for a ViT, a (B, C, H/32, W/32) map for a ResNet. ``pooler_output`` (B, D) is timm's pooled
+    pre-logits feature: the mean of the patch tokens for a ViT, the average of the map for a
+    ResNet. ``output_hidden_states=True`` adds the embeddings and every block's output.
     """
 
     _keys_to_ignore_on_load_unexpected = _PRETRAINING_ONLY_KEYS
@@ -87,22 +134,32 @@ class CIMModel(CIMPreTrainedModel):
         self.post_init()
 
     def forward(
-        self, pixel_values: torch.Tensor, return_dict: bool | None = None
-    ) -> BaseModelOutputWithPooling:
-        features = self.enhancer.forward_features(pixel_values)
-        pooled = self.enhancer.forward_head(features, pre_logits=True)  # (B, num_features)
-        if return_dict is False:
-            return features, pooled
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple[torch.Tensor, ...]:
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        features, pooled, hidden_states = enhancer_forward(
+            self.enhancer, pixel_values, output_hidden_states
+        )
+        if not return_dict:
+            return tuple(v for v in (features, pooled, hidden_states) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=features, pooler_output=pooled, hidden_states=hidden_states
+        )
 
 
 class CIMForImageClassification(CIMPreTrainedModel):
     """The enhancer with a linear classifier on its pooled feature, for fine-tuning.
 
     ``labels`` give a loss chosen by ``config.problem_type`` as in every transformers classifier:
-    cross-entropy for integer labels, MSE when ``num_labels == 1``, BCE for multi-label float targets.
-    Stochastic depth for fine-tuning is ``config.drop_path_rate`` (pass ``drop_path_rate=`` to
-    ``from_pretrained``).
+    cross-entropy for integer labels, MSE when ``num_labels == 1``, BCE for multi-label float
+    targets. Stochastic depth for fine-tuning is ``config.drop_path_rate`` (pass
+    ``drop_path_rate=`` to ``from_pretrained``).
     """
 
     _keys_to_ignore_on_load_unexpected = _PRETRAINING_ONLY_KEYS
@@ -124,15 +181,27 @@ class CIMForImageClassification(CIMPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-    ) -> ImageClassifierOutput:
-        features = self.enhancer.forward_features(pixel_values)
-        pooled = self.enhancer.forward_head(features, pre_logits=True)  # (B, num_features)
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple[torch.Tensor, ...]:
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        _, pooled, hidden_states = enhancer_forward(
+            self.enhancer, pixel_values, output_hidden_states
+        )
         logits = self.classifier(pooled)  # (B, num_labels)
         loss = None if labels is None else self.loss_function(labels, logits, self.config)
-        if return_dict is False:
-            return (logits,) if loss is None else (loss, logits)
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        if not return_dict:
+            return tuple(v for v in (loss, logits, hidden_states) if v is not None)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-__all__ = ["CIMForImageClassification", "CIMModel", "CIMPreTrainedModel", "create_enhancer"]
+__all__ = [
+    "CIMForImageClassification",
+    "CIMModel",
+    "CIMPreTrainedModel",
+    "create_enhancer",
+    "enhancer_forward",
+]
