@@ -1,20 +1,40 @@
-"""The DALL-E discrete VAE (Ramesh et al., 2021) as CIM's frozen tokenizer.
+"""The DALL-E discrete VAE (Ramesh et al., 2021): CIM's frozen tokenizer, and getting its weights.
 
-The modules reproduce OpenAI's architecture and parameter names (``blocks.group_1.block_1.res_path.conv_1.w``
-and so on), so the state dicts of the official ``encoder.pkl`` / ``decoder.pkl``, once converted to
-safetensors by ``conversion/convert_dall_e.py``, load with ``strict=True``. Nothing here unpickles.
+The modules reproduce OpenAI's architecture and parameter names (``blocks.group_1.block_1.res_path.
+conv_1.w`` and so on), so the state dicts of OpenAI's ``encoder.pkl`` / ``decoder.pkl`` load into
+them with ``strict=True``. Those files are whole pickled ``nn.Module`` objects, and unpickling runs
+whatever a file names; this module reads them in exactly one place, ``load_openai_module``, through
+an allow-list unpickler, and converts them once to safetensors (``convert_openai_dall_e``, behind
+``DallETokenizer(weights="openai")`` and the ``cim-convert-dall-e`` command). Everything else
+loads safetensors only.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
+import collections
+import hashlib
+import io
+import json
 import math
 import os
+import pickle
+import tempfile
+import types
+import warnings
+import zipfile
 from collections import OrderedDict
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import huggingface_hub
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from huggingface_hub import constants
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.file_download import http_get
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import ImageTokenizer
@@ -22,6 +42,14 @@ from .base import ImageTokenizer
 LOGIT_LAPLACE_EPS = 0.1
 ENCODER_FILE = "encoder.safetensors"
 DECODER_FILE = "decoder.safetensors"
+CONFIG_FILE = "config.json"
+SUMS_FILE = "SHA256SUMS"
+CONVERTED_FILES = (CONFIG_FILE, DECODER_FILE, ENCODER_FILE, SUMS_FILE)
+ARCHITECTURE_KEYS = ("n_hid", "n_blk_per_group", "vocab_size", "n_init")
+OPENAI_ARCHITECTURE = dict(n_hid=256, n_blk_per_group=2, vocab_size=8192, n_init=128)
+OPENAI_URL = "https://cdn.openai.com/dall-e/"
+URL_ENV = "CIM_DALL_E_URL"  # a folder URL holding encoder.pkl and decoder.pkl, e.g. a mirror
+CONVERT_COMMAND = "cim-convert-dall-e --encoder encoder.pkl --decoder decoder.pkl --out DIR"
 
 
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -34,11 +62,12 @@ def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 class Conv2d(nn.Module):
-    """A same-padded stride-1 convolution whose parameters are named ``w`` and ``b`` as in OpenAI's code."""
+    """A same-padded stride-1 convolution with parameters ``w`` and ``b``, as in OpenAI's code."""
 
     def __init__(self, n_in: int, n_out: int, kernel_size: int):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(n_out, n_in, kernel_size, kernel_size) / math.sqrt(n_in * kernel_size**2))
+        scale = 1 / math.sqrt(n_in * kernel_size**2)
+        self.w = nn.Parameter(torch.randn(n_out, n_in, kernel_size, kernel_size) * scale)
         self.b = nn.Parameter(torch.zeros(n_out))
         self.padding = (kernel_size - 1) // 2
 
@@ -80,11 +109,14 @@ class DallEEncoder(nn.Module):
         groups = OrderedDict(input=Conv2d(3, n_hid, 7))
         for g in range(4):
             blocks = [
-                _Block(widths[g] if i == 0 else widths[g + 1], widths[g + 1], n_layers, (3, 3, 3, 1))
+                _Block(
+                    widths[g] if i == 0 else widths[g + 1], widths[g + 1], n_layers, (3, 3, 3, 1)
+                )
                 for i in range(n_blk_per_group)
             ]
             groups[f"group_{g + 1}"] = _group(blocks, nn.MaxPool2d(2) if g < 3 else None)
-        groups["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=Conv2d(8 * n_hid, vocab_size, 1)))
+        head = OrderedDict(relu=nn.ReLU(), conv=Conv2d(8 * n_hid, vocab_size, 1))
+        groups["output"] = nn.Sequential(head)
         self.blocks = nn.Sequential(groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,16 +124,20 @@ class DallEEncoder(nn.Module):
 
 
 class DallEDecoder(nn.Module):
-    """Token grid -> 6 logit-Laplace statistics per pixel (B, 6, 8h, 8w); the first 3 are the means."""
+    """Token grid -> 6 logit-Laplace statistics per pixel (B, 6, 8h, 8w); the first 3 are means."""
 
-    def __init__(self, n_init: int = 128, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192):
+    def __init__(
+        self, n_init: int = 128, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192
+    ):
         super().__init__()
         n_layers = 4 * n_blk_per_group
         widths = (n_init, 8 * n_hid, 4 * n_hid, 2 * n_hid, 1 * n_hid)
         groups = OrderedDict(input=Conv2d(vocab_size, n_init, 1))
         for g in range(4):
             blocks = [
-                _Block(widths[g] if i == 0 else widths[g + 1], widths[g + 1], n_layers, (1, 3, 3, 3))
+                _Block(
+                    widths[g] if i == 0 else widths[g + 1], widths[g + 1], n_layers, (1, 3, 3, 3)
+                )
                 for i in range(n_blk_per_group)
             ]
             upsample = nn.Upsample(scale_factor=2, mode="nearest") if g < 3 else None
@@ -128,15 +164,25 @@ class DallEDecoder(nn.Module):
 
 
 class DallETokenizer(ImageTokenizer):
-    """The frozen DALL-E dVAE: ``encode`` = argmax of the encoder logits, ``decode`` = the decoder's mean.
+    """The frozen DALL-E dVAE: ``encode`` = argmax of the encoder logits, ``decode`` = the mean.
 
     Args:
-        weights: a folder holding ``encoder.safetensors`` and ``decoder.safetensors`` (what
-            ``conversion/convert_dall_e.py`` writes) or a Hugging Face Hub repo id with those files.
-        random_init: allow running without weights. Off by default: CIM on a random tokenizer trains
-            without error and learns nothing useful, so it must be asked for explicitly (tests, benchmarks).
-        seed: the seed of the random initialisation, so a random tokenizer can be rebuilt identically.
-        n_hid, n_blk_per_group, vocab_size, n_init: the architecture; the defaults are OpenAI's.
+        weights: where the weights come from:
+
+            - ``"openai"``: OpenAI's release, downloaded once from ``$CIM_DALL_E_URL`` (default
+              https://cdn.openai.com/dall-e/), converted and checked, and cached in
+              ``$HF_HOME/cim-models/dall-e`` (see ``openai_weights_folder``); offline
+              (``HF_HUB_OFFLINE=1``) only the cache is used;
+            - a folder written by ``cim-convert-dall-e`` (``encoder.safetensors``,
+              ``decoder.safetensors`` and ``config.json``, which gives the architecture);
+            - a Hugging Face Hub repo id holding such a folder.
+        random_init: allow running without weights. Off by default: CIM on a random tokenizer
+            trains without error and learns nothing useful, so it must be asked for explicitly
+            (tests, benchmarks).
+        seed: the seed of the random initialisation, so a random tokenizer can be rebuilt.
+        n_hid, n_blk_per_group, vocab_size, n_init: the architecture. By default the weights'
+            ``config.json`` gives it, else OpenAI's (256, 2, 8192, 128); a value that disagrees
+            with ``config.json`` is an error.
     """
 
     downsample = 8
@@ -146,18 +192,25 @@ class DallETokenizer(ImageTokenizer):
         weights: str | os.PathLike | None = None,
         random_init: bool = False,
         seed: int = 0,
-        n_hid: int = 256,
-        n_blk_per_group: int = 2,
-        vocab_size: int = 8192,
-        n_init: int = 128,
+        n_hid: int | None = None,
+        n_blk_per_group: int | None = None,
+        vocab_size: int | None = None,
+        n_init: int | None = None,
     ):
         super().__init__()
-        self.vocab_size = vocab_size
-        self.weights = None if weights is None else str(weights)
+        self.weights = None if weights is None else os.fspath(weights)
         self.random_init = random_init
         self.seed = seed
-        self.encoder = DallEEncoder(n_hid, n_blk_per_group, vocab_size)
-        self.decoder = DallEDecoder(n_init, n_hid, n_blk_per_group, vocab_size)
+        requested = dict(
+            n_hid=n_hid, n_blk_per_group=n_blk_per_group, vocab_size=vocab_size, n_init=n_init
+        )
+        self.architecture = _resolve_architecture(self.weights, requested)
+        arch = self.architecture
+        self.vocab_size = arch["vocab_size"]
+        self.encoder = DallEEncoder(arch["n_hid"], arch["n_blk_per_group"], arch["vocab_size"])
+        self.decoder = DallEDecoder(
+            arch["n_init"], arch["n_hid"], arch["n_blk_per_group"], arch["vocab_size"]
+        )
         self.reload_weights()
 
     def reload_weights(self) -> None:
@@ -166,33 +219,43 @@ class DallETokenizer(ImageTokenizer):
             return  # built inside from_pretrained: materialised and reloaded later by _init_weights
         if self.weights is not None:
             encoder_path, decoder_path = resolve_dall_e_weights(self.weights)
-            self.encoder.load_state_dict(load_file(encoder_path), strict=True)
-            self.decoder.load_state_dict(load_file(decoder_path), strict=True)
+            for module, path in ((self.encoder, encoder_path), (self.decoder, decoder_path)):
+                try:
+                    module.load_state_dict(load_file(path), strict=True)
+                except RuntimeError as err:  # a folder without config.json, other architecture
+                    raise ValueError(
+                        f"{path} does not fit the DALL-E architecture {self.architecture}: {err}\n"
+                        "Pass the n_hid, n_blk_per_group, vocab_size and n_init the weights were "
+                        f"made with, or convert them again with `{CONVERT_COMMAND}`, which writes "
+                        "the config.json that gives the architecture."
+                    ) from None
         elif self.random_init:
-            # A seeded re-initialisation, so a random tokenizer is the same after save / from_pretrained.
+            # A seeded re-initialisation, so a random tokenizer is the same after save / load.
             rng = torch.Generator().manual_seed(self.seed)
             for module in self.modules():
                 if isinstance(module, Conv2d):
-                    n_out, n_in, k, _ = module.w.shape
-                    module.w.data.copy_(torch.randn(module.w.shape, generator=rng) / math.sqrt(n_in * k * k))
+                    _, n_in, k, _ = module.w.shape
+                    scale = 1 / math.sqrt(n_in * k * k)
+                    module.w.data.copy_(torch.randn(module.w.shape, generator=rng) * scale)
                     module.b.data.copy_(torch.randn(module.b.shape, generator=rng) * 0.01)
         self.freeze()
 
     def _check_ready(self) -> None:
         if self.weights is None and not self.random_init:
             raise RuntimeError(
-                "The DALL-E tokenizer has no weights. Convert OpenAI's encoder.pkl/decoder.pkl once with "
-                "`python conversion/convert_dall_e.py --encoder encoder.pkl --decoder decoder.pkl --out DIR` "
-                "and pass weights=DIR (or a Hub repo id holding the converted files). For tests and "
+                'The DALL-E tokenizer has no weights. Pass weights="openai" to download and '
+                "convert OpenAI's release once, or convert encoder.pkl/decoder.pkl yourself with "
+                f"`{CONVERT_COMMAND}` (`python conversion/convert_dall_e.py` in a checkout) and "
+                "pass weights=DIR (or a Hub repo id holding the converted files). For tests and "
                 "benchmarks only, pass random_init=True."
             )
 
     @staticmethod
     def _precision(device: torch.device):
         # On GPUs the dVAE runs in fp16, as OpenAI's own code does, whatever the caller's autocast:
-        # bf16's 8-bit mantissa flips near-tied argmaxes (token agreement with fp32 measured at 96.7% for
-        # bf16 and 99.6% for fp16, full-size architecture) and fp16 runs at the same tensor-core rate.
-        # Elsewhere it runs in fp32.
+        # bf16's 8-bit mantissa flips near-tied argmaxes (token agreement with fp32 measured at
+        # 96.7% for bf16 and 99.6% for fp16, full-size architecture) and fp16 runs at the same
+        # tensor-core rate. Elsewhere it runs in fp32.
         if device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.float16)
         return torch.autocast(device.type, enabled=False)
@@ -201,9 +264,9 @@ class DallETokenizer(ImageTokenizer):
     def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
         self.check_images(images)
         self._check_ready()
-        # channels_last activations are the fast convolution layout on GPUs and CPUs (1.2x encoder, 1.5x
-        # decoder measured on CPU; the decoder's embedding input comes out in it). The weights stay
-        # contiguous so that state dicts save as safetensors.
+        # channels_last activations are the fast convolution layout on GPUs and CPUs (1.2x
+        # encoder, 1.5x decoder measured on CPU; the decoder's embedding input comes out in it).
+        # The weights stay contiguous so that state dicts save as safetensors.
         x = map_pixels(images.float()).contiguous(memory_format=torch.channels_last)
         with self._precision(images.device):
             return self.encoder(x).float()  # (B, vocab_size, H/8, W/8)
@@ -221,31 +284,617 @@ class DallETokenizer(ImageTokenizer):
         return unmap_pixels(torch.sigmoid(stats[:, :3].float()))
 
 
-def resolve_dall_e_weights(weights: str) -> tuple[str, str]:
-    """Find ``encoder.safetensors`` and ``decoder.safetensors`` in a local folder or a Hub repo."""
-    if str(weights).endswith((".pkl", ".pt", ".pth", ".bin")):
+# --------------------------------------------------------------------------------------------------
+# Finding the weights: "openai", a converted folder, or a Hub repo
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_hub_repo_id(weights: str) -> bool:
+    return not weights.startswith((".", "/", "~")) and weights.count("/") == 1
+
+
+def _check_weights_source(weights: str) -> None:
+    if weights.endswith((".pkl", ".pt", ".pth", ".bin")):
         raise ValueError(
-            f"{weights!r} is a pickle; the tokenizer loads safetensors only. Convert it with "
-            "`python conversion/convert_dall_e.py --encoder encoder.pkl --decoder decoder.pkl --out DIR`."
+            f"{weights!r} is a pickle; the tokenizer loads safetensors only. Pass "
+            f'weights="openai", or convert the file with `{CONVERT_COMMAND}` '
+            "(`python conversion/convert_dall_e.py` in a checkout) and pass weights=DIR."
         )
+    path = Path(weights)
+    if (
+        weights != "openai"
+        and not path.is_dir()
+        and (path.exists() or not _is_hub_repo_id(weights))
+    ):
+        raise FileNotFoundError(
+            f'DALL-E weights not found: {weights!r} is neither "openai", a folder, nor a Hub repo '
+            "id (owner/name)."
+        )
+
+
+def _hub_download(repo_id: str, filename: str) -> str:
+    try:
+        return huggingface_hub.hf_hub_download(repo_id, filename)
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        raise
+    except Exception as err:  # offline, missing repo, no network: say what to do instead
+        raise OSError(
+            f"Could not fetch {filename} of the DALL-E tokenizer from the Hub repo {repo_id!r} "
+            f"({type(err).__name__}: {err}). Go online, or pass a local folder made by "
+            f"`{CONVERT_COMMAND}` instead."
+        ) from err
+
+
+def _read_architecture(config_path: str | Path) -> dict[str, int]:
+    config = json.loads(Path(config_path).read_text())
+    missing = [k for k in ARCHITECTURE_KEYS if not isinstance(config.get(k), int)]
+    if config.get("tokenizer") != "dall-e" or missing:
+        raise ValueError(
+            f"{config_path} is not the config.json of a converted DALL-E tokenizer (it needs "
+            f'"tokenizer": "dall-e" and integer {", ".join(ARCHITECTURE_KEYS)}). Convert the '
+            f"weights with `{CONVERT_COMMAND}`."
+        )
+    return {k: config[k] for k in ARCHITECTURE_KEYS}
+
+
+def _weights_architecture(weights: str | None) -> tuple[dict[str, int] | None, str]:
+    """The architecture the weights' config.json gives (None if there is none), and its path."""
+    if weights is None:
+        return None, ""
+    _check_weights_source(weights)
+    if weights == "openai":
+        config_path = openai_weights_folder() / CONFIG_FILE
+    elif Path(weights).is_dir():
+        config_path = Path(weights) / CONFIG_FILE
+        if not config_path.is_file():
+            return None, ""  # safetensors alone: the keyword arguments give the architecture
+    else:
+        try:
+            config_path = _hub_download(weights, CONFIG_FILE)
+        except LocalEntryNotFoundError as err:
+            raise OSError(
+                f"The Hub repo {weights!r} is not in the cache and the Hub is unreachable or "
+                f"HF_HUB_OFFLINE is set ({err}). Go online once, or pass a local folder made by "
+                f"`{CONVERT_COMMAND}`."
+            ) from err
+        except EntryNotFoundError:
+            return None, ""
+    return _read_architecture(config_path), str(config_path)
+
+
+def _resolve_architecture(weights: str | None, requested: dict) -> dict[str, int]:
+    given = {k: v for k, v in requested.items() if v is not None}
+    found, where = _weights_architecture(weights)
+    if found is None:
+        return {**OPENAI_ARCHITECTURE, **given}
+    wrong = {k: v for k, v in given.items() if found[k] != v}
+    if wrong:
+        asked = ", ".join(f"{k}={v}" for k, v in wrong.items())
+        has = ", ".join(f"{k}={found[k]}" for k in wrong)
+        raise ValueError(
+            f"DallETokenizer({asked}) disagrees with the weights {weights!r}, whose {where} says "
+            f"{has}. Drop these arguments (config.json gives the architecture) or pass weights "
+            "made for that architecture."
+        )
+    return found
+
+
+def resolve_dall_e_weights(weights: str) -> tuple[str, str]:
+    """Paths of ``encoder.safetensors`` and ``decoder.safetensors`` for ``weights`` (see
+    ``DallETokenizer``), downloading from the Hub or OpenAI where needed."""
+    _check_weights_source(weights)
+    if weights == "openai":
+        folder = openai_weights_folder()
+        return str(folder / ENCODER_FILE), str(folder / DECODER_FILE)
     folder = Path(weights)
     if folder.is_dir():
         paths = (folder / ENCODER_FILE, folder / DECODER_FILE)
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(
-                f"{folder} lacks {', '.join(missing)}; it should be the output folder of "
-                "conversion/convert_dall_e.py."
+                f"{folder} lacks {', '.join(missing)}; it should be a folder written by "
+                f"`{CONVERT_COMMAND}`."
             )
         return str(paths[0]), str(paths[1])
-    if folder.exists() or weights.startswith((".", "/")) or weights.count("/") != 1:
-        raise FileNotFoundError(f"DALL-E weights not found: {weights!r} is neither a folder nor a Hub repo id.")
-    from huggingface_hub import hf_hub_download
-
     try:
-        return hf_hub_download(weights, ENCODER_FILE), hf_hub_download(weights, DECODER_FILE)
-    except Exception as err:  # offline, missing repo, no network: say what to do instead
+        return _hub_download(weights, ENCODER_FILE), _hub_download(weights, DECODER_FILE)
+    except EntryNotFoundError as err:  # includes LocalEntryNotFoundError: offline, not cached
         raise OSError(
-            f"Could not fetch the DALL-E tokenizer from the Hub repo {weights!r} ({type(err).__name__}: {err}). "
-            "Pass a local folder made by conversion/convert_dall_e.py instead, or go online."
+            f"Could not get the DALL-E tokenizer files from the Hub repo {weights!r} ({err}). Go "
+            f"online, or pass a local folder made by `{CONVERT_COMMAND}` instead."
         ) from err
+
+
+def openai_cache_folder() -> Path:
+    """Where ``weights="openai"`` keeps the converted release: ``$HF_HOME/cim-models/dall-e``."""
+    return Path(constants.HF_HOME) / "cim-models" / "dall-e"
+
+
+def _is_converted_folder(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in (CONFIG_FILE, ENCODER_FILE, DECODER_FILE))
+
+
+def openai_weights_folder(check_images: int = 2) -> Path:
+    """The converted folder of OpenAI's release: the cache, filled on first use.
+
+    The first call downloads ``encoder.pkl`` and ``decoder.pkl`` from ``$CIM_DALL_E_URL``
+    (default https://cdn.openai.com/dall-e/), converts them with ``convert_openai_dall_e`` and
+    moves the checked result into ``openai_cache_folder()`` in one rename, so a failed or refused
+    download leaves nothing cached. Later calls, and every call under ``HF_HUB_OFFLINE=1``, only
+    read the cache.
+    """
+    folder = openai_cache_folder()
+    if _is_converted_folder(folder):
+        return folder
+    base = os.environ.get(URL_ENV) or OPENAI_URL
+    manual = (
+        f"download encoder.pkl and decoder.pkl from {base} yourself and run "
+        f"`cim-convert-dall-e --encoder encoder.pkl --decoder decoder.pkl --out {folder}`"
+    )
+    if folder.exists() and any(folder.iterdir()):
+        raise OSError(
+            f"The DALL-E cache folder {folder} holds something other than a converted release. "
+            f"Remove it, or fill it yourself: {manual}."
+        )
+    if huggingface_hub.is_offline_mode():
+        raise OSError(
+            f"OpenAI's DALL-E weights are not cached in {folder} and HF_HUB_OFFLINE is set, so "
+            f"they cannot be downloaded. Unset HF_HUB_OFFLINE for one run, or {manual}."
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".dall-e-download-", dir=folder.parent) as tmp:
+        sources = {}
+        for part in ("encoder", "decoder"):
+            url = f"{base.rstrip('/')}/{part}.pkl"
+            sources[part] = Path(tmp) / f"{part}.pkl"
+            try:
+                with open(sources[part], "wb") as f:
+                    http_get(url, f, displayed_filename=f"{part}.pkl")
+            except Exception as err:  # no network, 404, proxy: say where the files can come from
+                raise OSError(
+                    f"Could not download {url} ({type(err).__name__}: {err}). Check the network "
+                    f"or point {URL_ENV} at a folder URL holding encoder.pkl and decoder.pkl; "
+                    f"or {manual}."
+                ) from err
+        staging = Path(tmp) / "converted"
+        staging.mkdir()
+        try:
+            convert_openai_dall_e(
+                sources["encoder"],
+                sources["decoder"],
+                staging,
+                check_images=check_images,
+                source_names={p: f"{base.rstrip('/')}/{p}.pkl" for p in sources},
+            )
+        except DallEConversionError as err:
+            raise DallEConversionError(f"{err}\nNothing was cached in {folder}.") from None
+        if folder.is_dir():
+            folder.rmdir()  # empty, checked above
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not _is_converted_folder(folder):  # else another process finished first
+                raise
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading OpenAI's pickles through an allow-list
+# --------------------------------------------------------------------------------------------------
+
+
+class _OpenAIModule(nn.Module):
+    """An unpickled ``dall_e`` module: the pickled attributes and children, and OpenAI's forward.
+
+    Unpickling restores a module's ``__dict__`` through ``nn.Module.__setstate__``, so the pickled
+    layer tree (its order, pooling, upsampling, ``post_gain``) runs as pickled; only the three
+    ``dall_e`` forwards below are restated. That makes the unpickled module an independent
+    reference for the package's own layout.
+    """
+
+    pickled_name = ""
+
+
+class _OpenAIConv2d(_OpenAIModule):
+    pickled_name = "dall_e.utils.Conv2d"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # OpenAI's code computes in fp16 on CUDA; the check runs on CPU in fp32, as it does there.
+        return F.conv2d(x, self.w, self.b, padding=(self.w.shape[-1] - 1) // 2)
+
+
+class _OpenAIBlock(_OpenAIModule):
+    pickled_name = "dall_e.encoder.EncoderBlock or dall_e.decoder.DecoderBlock"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class _OpenAIEncoder(_OpenAIModule):
+    pickled_name = "dall_e.encoder.Encoder"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class _OpenAIDecoder(_OpenAIEncoder):
+    pickled_name = "dall_e.decoder.Decoder"
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """Every global a dVAE module pickle may name, mapped to what it resolves to.
+
+    Pickles record classes by module path; the torch.nn paths are where torch has defined these
+    layers since before the dVAE release. Storages normally never get here (torch.load resolves
+    names containing "Storage" itself). Extend this only after reading what the new entry does
+    when called with arbitrary arguments.
+    """
+    allowed: dict[tuple[str, str], object] = {
+        ("dall_e.utils", "Conv2d"): _OpenAIConv2d,
+        ("dall_e.encoder", "EncoderBlock"): _OpenAIBlock,
+        ("dall_e.encoder", "Encoder"): _OpenAIEncoder,
+        ("dall_e.decoder", "DecoderBlock"): _OpenAIBlock,
+        ("dall_e.decoder", "Decoder"): _OpenAIDecoder,
+        ("torch.nn.modules.container", "Sequential"): nn.Sequential,
+        ("torch.nn.modules.activation", "ReLU"): nn.ReLU,
+        ("torch.nn.modules.pooling", "MaxPool2d"): nn.MaxPool2d,
+        ("torch.nn.modules.linear", "Identity"): nn.Identity,
+        ("torch.nn.modules.upsampling", "Upsample"): nn.Upsample,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,  # nn.Module._non_persistent_buffers_set
+        ("torch", "device"): torch.device,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    }
+    for name in ("FloatStorage", "HalfStorage", "UntypedStorage"):
+        if hasattr(torch, name):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+ALLOWED_GLOBALS = _allowed_globals()
+
+
+class DallEConversionError(Exception):
+    """OpenAI's files could not be converted; the message says which file, why, and what to do."""
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, global_name: str):
+        self.global_name = global_name
+        super().__init__(f"global {global_name} is not allowed")
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Resolves only ALLOWED_GLOBALS and never imports anything."""
+
+    def find_class(self, module: str, name: str) -> object:
+        # Protocol-2 pickles (torch.save's default) spell builtins the Python 2 way
+        # (__builtin__.set); map them as pickle does, so the allow-list and errors use today's
+        # names.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
+# torch.load takes a "pickle module": it subclasses `.Unpickler` (its find_class maps storage names
+# and then calls ours) and calls `.load` for the legacy format's header records.
+_allow_list_pickle = types.ModuleType("allow_list_pickle")
+_allow_list_pickle.Unpickler = _AllowListUnpickler
+_allow_list_pickle.load = lambda file, **kwargs: _AllowListUnpickler(file, **kwargs).load()
+_allow_list_pickle.UnpicklingError = pickle.UnpicklingError
+
+
+def load_openai_module(data: bytes, label: str) -> nn.Module:
+    """Unpickle one of OpenAI's module files (zip or legacy ``torch.save`` format), allow-listed.
+
+    ``torch.load(weights_only=True)`` would be simpler, but it refuses the legacy format's module
+    records (measured with torch 2.14), and OpenAI's files predate the zip format. ``data`` is the
+    file's bytes, so what is loaded is what was hashed; ``label`` names the file in errors.
+    """
+    if zipfile.is_zipfile(io.BytesIO(data)):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            if any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in archive.namelist()):
+                # torch.load hands TorchScript archives to torch.jit.load, past the allow-list.
+                raise DallEConversionError(
+                    f"{label} is a TorchScript archive, not a torch.save pickle of OpenAI's "
+                    "module; refusing to load it. Use OpenAI's encoder.pkl / decoder.pkl."
+                )
+    try:
+        with warnings.catch_warnings():
+            # Legacy pickles carry each class's source; ours are stand-ins, so it never matches.
+            warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
+            return torch.load(
+                io.BytesIO(data),
+                map_location="cpu",
+                weights_only=False,  # torch's safe mode cannot read legacy module pickles...
+                pickle_module=_allow_list_pickle,  # ...so the allow-list does the guarding
+            )
+    except _RefusedGlobal as err:
+        raise DallEConversionError(
+            f"{label}: refused to unpickle the global {err.global_name}: it is not on the "
+            "allow-list of DALL-E dVAE classes and tensor helpers, and a genuine OpenAI dVAE "
+            f"pickle does not need it. Treat {label} as untrusted: compare its sha256 with the "
+            f"published file. Add {err.global_name} to ALLOWED_GLOBALS only after reading what "
+            "it does."
+        ) from err
+    except Exception as err:  # any other failure: not a readable torch.save pickle
+        raise DallEConversionError(
+            f"{label} could not be read as a torch.save pickle ({type(err).__name__}: {err}). "
+            "Pass OpenAI's original encoder.pkl / decoder.pkl."
+        ) from err
+
+
+# --------------------------------------------------------------------------------------------------
+# Converting OpenAI's files to a checked safetensors folder
+# --------------------------------------------------------------------------------------------------
+
+CHECK_SIZE = 112  # CIM feeds the tokenizer 112x112 views
+IMAGE_ATOL = 1e-5  # decoded images in [0, 1]; measured differences are below 1e-6
+STATS_TOL = 1e-4  # rtol and atol on the raw decoder statistics, which are unbounded logits
+
+
+@dataclass
+class DallESource:
+    """One converted input file."""
+
+    name: str
+    sha256: str
+    n_tensors: int
+    n_params: int
+
+
+@dataclass
+class DallECheck:
+    """The converted tokenizer against the unpickled modules on random images."""
+
+    n_images: int
+    tokens_equal: int
+    tokens_total: int
+    logits_max_diff: float
+    stats_max_diff: float
+    image_max_diff: float
+    ok: bool
+
+
+@dataclass
+class DallEConversion:
+    """What ``convert_openai_dall_e`` read, wrote and measured."""
+
+    architecture: dict[str, int]
+    encoder: DallESource
+    decoder: DallESource
+    check: DallECheck
+    sums: dict[str, str]  # sha256 of each written file, as in SHA256SUMS
+
+
+def _converter_name() -> str:
+    try:
+        return f"cim-models {version('cim-models')} (cim_models.tokenizers.dall_e)"
+    except PackageNotFoundError:  # a checkout that is not installed
+        return "cim-models (cim_models.tokenizers.dall_e)"
+
+
+def _infer_architecture(encoder: dict, decoder: dict, labels: dict[str, str]) -> dict[str, int]:
+    """Read the four architecture numbers off the tensor shapes."""
+    needed = {
+        "encoder": ("blocks.input.w", "blocks.output.conv.w"),
+        "decoder": ("blocks.input.w",),
+    }
+    for part, state in (("encoder", encoder), ("decoder", decoder)):
+        for key in needed[part]:
+            if key not in state:
+                raise DallEConversionError(
+                    f"{labels[part]} is not a DALL-E dVAE {part}: it has no parameter {key}."
+                )
+    blocks = {k.split(".")[2] for k in encoder if k.startswith("blocks.group_1.block_")}
+    return dict(
+        n_hid=encoder["blocks.input.w"].shape[0],
+        n_blk_per_group=len(blocks),
+        vocab_size=encoder["blocks.output.conv.w"].shape[0],
+        n_init=decoder["blocks.input.w"].shape[0],
+    )
+
+
+def _check_layout(state: dict, module: nn.Module, part: str, label: str, arch: dict) -> None:
+    """Fail, listing the differences, unless ``state`` has exactly ``module``'s names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = [f"missing {k}" for k in sorted(expected.keys() - state.keys())]
+    problems += [f"unexpected {k}" for k in sorted(state.keys() - expected.keys())]
+    problems += [
+        f"{k} is {tuple(state[k].shape)}, expected {shape}"
+        for k, shape in sorted(expected.items())
+        if k in state and tuple(state[k].shape) != shape
+    ]
+    if problems:
+        raise DallEConversionError(
+            f"{label} does not match the dVAE {part} with {arch} inferred from the shapes "
+            f"({len(problems)} differences: {'; '.join(problems[:6])}). Check that both files "
+            "come from the same OpenAI release."
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def _check_against(folder: Path, openai: dict[str, nn.Module], n_images: int) -> DallECheck:
+    """Compare ``DallETokenizer(weights=folder)`` with the unpickled modules on random images."""
+    tokenizer = DallETokenizer(weights=folder).float()  # architecture from config.json
+    images = torch.rand(
+        n_images, 3, CHECK_SIZE, CHECK_SIZE, generator=torch.Generator().manual_seed(0)
+    )
+    ref_logits = openai["encoder"](map_pixels(images))  # (N, vocab, 14, 14)
+    ref_ids = ref_logits.argmax(1)  # (N, 14, 14)
+    one_hot = F.one_hot(ref_ids, tokenizer.vocab_size).permute(0, 3, 1, 2).float()
+    ref_stats = openai["decoder"](one_hot)  # (N, 6, 112, 112)
+    ref_images = unmap_pixels(torch.sigmoid(ref_stats[:, :3]))
+    logits = tokenizer.encode_logits(images)
+    # Decode the reference ids, so a token mismatch does not also show up in the decoder.
+    stats = tokenizer.decoder.forward_ids(ref_ids)
+    decoded = tokenizer.decode(ref_ids)
+    tokens_equal = int((logits.argmax(1) == ref_ids).sum())
+    return DallECheck(
+        n_images=n_images,
+        tokens_equal=tokens_equal,
+        tokens_total=ref_ids.numel(),
+        logits_max_diff=float((logits - ref_logits).abs().max()),
+        stats_max_diff=float((stats - ref_stats).abs().max()),
+        image_max_diff=float((decoded - ref_images).abs().max()),
+        ok=tokens_equal == ref_ids.numel()
+        and torch.allclose(stats, ref_stats, rtol=STATS_TOL, atol=STATS_TOL)
+        and torch.allclose(decoded, ref_images, rtol=0, atol=IMAGE_ATOL),
+    )
+
+
+def convert_openai_dall_e(
+    encoder_pkl: str | os.PathLike,
+    decoder_pkl: str | os.PathLike,
+    folder: str | os.PathLike,
+    check_images: int = 4,
+    source_names: dict[str, str] | None = None,
+) -> DallEConversion:
+    """Convert OpenAI's ``encoder.pkl`` / ``decoder.pkl`` into the existing, empty ``folder``.
+
+    Writes ``encoder.safetensors`` and ``decoder.safetensors`` (fp32, OpenAI's parameter names,
+    the source's sha256 in the metadata), ``config.json`` (the architecture, read off the shapes)
+    and ``SHA256SUMS``, then checks that ``DallETokenizer(weights=folder)`` gives the same token
+    ids and decoded images as the unpickled modules on ``check_images`` random images. Raises
+    ``DallEConversionError`` on any failure; callers write to a staging folder and rename it.
+    ``source_names`` (``{"encoder": ..., "decoder": ...}``) names the sources in metadata and
+    errors, e.g. their URLs; by default their file names.
+    """
+    if check_images < 1:
+        raise DallEConversionError(f"check_images must be at least 1, got {check_images}.")
+    folder = Path(folder)
+    paths = {"encoder": Path(encoder_pkl), "decoder": Path(decoder_pkl)}
+    names = {part: path.name for part, path in paths.items()} | (source_names or {})
+    labels = {part: f"the {part} file {names[part]}" for part in paths}
+    expected = {"encoder": _OpenAIEncoder, "decoder": _OpenAIDecoder}
+    # Built on the CPU even inside from_pretrained's meta-device context: the check runs them.
+    with torch.device("cpu"):
+        openai, sources = {}, {}
+        for part, path in paths.items():
+            if not path.is_file():
+                raise DallEConversionError(
+                    f"{labels[part]} does not exist. Download OpenAI's {part}.pkl "
+                    f"({OPENAI_URL}{part}.pkl) once, record its sha256, and pass its path."
+                )
+            data = path.read_bytes()
+            module = load_openai_module(data, labels[part])
+            if type(module) is not expected[part]:
+                found = getattr(module, "pickled_name", "") or type(module).__name__
+                raise DallEConversionError(
+                    f"{labels[part]} holds a {found}, expected {expected[part].pickled_name}. "
+                    "Did you swap the encoder and decoder files?"
+                )
+            openai[part] = module.float().eval()
+            state = {k: v.detach().float().contiguous() for k, v in module.state_dict().items()}
+            sources[part] = DallESource(
+                names[part],
+                hashlib.sha256(data).hexdigest(),
+                len(state),
+                sum(t.numel() for t in state.values()),
+            )
+            del data
+        states = {part: module.state_dict() for part, module in openai.items()}
+        arch = _infer_architecture(states["encoder"], states["decoder"], labels)
+        with torch.device("meta"):  # the package's layout, for its names and shapes only
+            layout = DallETokenizer(random_init=True, **arch)
+        for part in paths:
+            _check_layout(states[part], getattr(layout, part), part, labels[part], arch)
+
+        for part, file in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
+            tensors = {k: v.detach().float().contiguous() for k, v in states[part].items()}
+            metadata = dict(
+                format="pt",
+                tokenizer="dall-e",
+                part=part,
+                source=sources[part].name,
+                source_sha256=sources[part].sha256,
+                converter=_converter_name(),
+            )
+            save_file(tensors, str(folder / file), metadata)
+        config = {
+            "tokenizer": "dall-e",
+            **arch,
+            "downsample": DallETokenizer.downsample,
+            **{
+                part: {
+                    "file": file,
+                    "params": sources[part].n_params,
+                    "source": sources[part].name,
+                    "source_sha256": sources[part].sha256,
+                }
+                for part, file in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE))
+            },
+            "converter": _converter_name(),
+        }
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        sums = {name: _sha256(folder / name) for name in (CONFIG_FILE, DECODER_FILE, ENCODER_FILE)}
+        (folder / SUMS_FILE).write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in CONVERTED_FILES:  # safetensors writes 0600; these files are meant to be shared
+            (folder / name).chmod(0o666 & ~umask)
+
+        try:
+            check = _check_against(folder, openai, check_images)
+        except Exception as err:  # the pickled modules do not run: not OpenAI's layer tree
+            raise DallEConversionError(
+                f"The modules in {labels['encoder']} and {labels['decoder']} do not run as a "
+                f"DALL-E dVAE ({type(err).__name__}: {err}). Pass OpenAI's original files."
+            ) from err
+    conversion = DallEConversion(arch, sources["encoder"], sources["decoder"], check, sums)
+    if not check.ok:
+        raise DallEConversionError(
+            "The converted tokenizer does not reproduce the pickled modules: "
+            f"{format_conversion(conversion)}\nThis is a bug in the conversion or in "
+            "cim_models/tokenizers/dall_e.py; please report it with this output."
+        )
+    return conversion
+
+
+def format_conversion(conversion: DallEConversion) -> str:
+    """A human-readable report of a conversion."""
+    lines = []
+    for part in ("encoder", "decoder"):
+        src = getattr(conversion, part)
+        lines.append(
+            f"{part}: {src.name} sha256 {src.sha256}\n"
+            f"  {src.n_tensors} tensors, {src.n_params:,} params"
+        )
+    c = conversion.check
+    lines += [
+        "architecture: " + ", ".join(f"{k}={v}" for k, v in conversion.architecture.items()),
+        f"check on {c.n_images} random {CHECK_SIZE}x{CHECK_SIZE} images:",
+        f"  token ids identical: {c.tokens_equal}/{c.tokens_total}",
+        f"  encoder logits max |diff|: {c.logits_max_diff:.3g}",
+        f"  decoder stats max |diff|: {c.stats_max_diff:.3g} (tolerance {STATS_TOL:g})",
+        f"  decoded image max |diff|: {c.image_max_diff:.3g} (tolerance {IMAGE_ATOL:g})",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "DallEConversion",
+    "DallEConversionError",
+    "DallEDecoder",
+    "DallEEncoder",
+    "DallETokenizer",
+    "convert_openai_dall_e",
+    "load_openai_module",
+    "map_pixels",
+    "openai_cache_folder",
+    "openai_weights_folder",
+    "resolve_dall_e_weights",
+    "unmap_pixels",
+]
