@@ -189,6 +189,20 @@ def test_codebook_recovers_planted_patches_exactly(vocab_size):
     )
 
 
+def test_codebook_moves_empty_centroids_to_the_farthest_patches():
+    # Two common patterns and two patches seen once: the k-means++ subsample (32 patches per
+    # centroid) misses the rare ones, so two seeds duplicate common patterns and their clusters go
+    # empty. Re-seeding them at the farthest patches must give the rare patches their own ids.
+    patterns = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    images, _ = _planted_images(625, patterns[:2])  # 10,000 patches
+    images[0, :, :8, :8], images[-1, :, -8:, -8:] = patterns[2], patterns[3]
+    tokenizer = CodebookTokenizer(vocab_size=4).fit(images, num_iterations=3, progress=False)
+    rare = torch.cat((images[:1], images[-1:]))
+    ids = tokenizer.encode(rare)
+    assert len(torch.unique(torch.stack((ids[0, 0, 0], ids[1, -1, -1], ids[0, 0, 1])))) == 3
+    torch.testing.assert_close(tokenizer.decode(ids), rare, atol=1e-6, rtol=0)
+
+
 def test_codebook_ids_follow_planted_patterns_under_noise():
     patterns = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     images, labels = _planted_images(40, patterns, noise=0.02)

@@ -204,12 +204,17 @@ class CodebookTokenizer(ImageTokenizer):
         generator = torch.Generator().manual_seed(seed)
         centroids = _kmeans_plus_plus(patches, self.vocab_size, generator).to(patches.device)
 
+        accumulate = torch.float32 if patches.device.type == "mps" else torch.float64
         bar = tqdm(range(num_iterations), desc="Fitting the patch codebook", disable=not progress)
         for _ in bar:
             ids, distances = _nearest(patches, centroids)
             counts = torch.bincount(ids, minlength=self.vocab_size)  # (K,)
-            sums = torch.zeros_like(centroids).index_add_(0, ids, patches)
-            centroids = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+            # Sums of thousands of patches accumulate in float64 (except on MPS, which lacks it), so
+            # that a cluster of identical patches averages back to exactly that patch.
+            sums = torch.zeros(centroids.shape, dtype=accumulate, device=centroids.device)
+            for chunk_ids, chunk in zip(ids.split(_CHUNK_ROWS), patches.split(_CHUNK_ROWS)):
+                sums.index_add_(0, chunk_ids, chunk.to(accumulate))
+            centroids = (sums / counts.clamp(min=1).unsqueeze(1)).float()
             empty = (counts == 0).nonzero().squeeze(1)
             if len(empty):
                 farthest = distances.topk(len(empty)).indices
