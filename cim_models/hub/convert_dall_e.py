@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         url = push_to_hub(out, args.push_to_hub, private=args.private or None)
+    except DallEConversionError as err:  # not a converted folder
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     # Offline, no token, no rights, a network error of the HTTP client: whatever it is, the
     # converted folder is still there, so say how to retry the upload alone.
     except Exception as err:  # noqa: BLE001
