@@ -364,6 +364,19 @@ def test_export_does_not_replace_a_non_empty_out_without_overwrite(hub, tmp_path
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_export_refuses_card_data_it_cannot_use(hub, tmp_path, capsys):
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"results": [{"task": "knn", "value": 0.5}]}))
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(hub["checkpoint"]), "--out", str(out), "--card-data", str(card)]
+    assert cim_export.main(argv) == 1
+    assert "results[0] lacks ['dataset', 'metric']" in capsys.readouterr().err
+    card.write_text("[1, 2]")
+    assert cim_export.main(argv) == 1
+    assert f"--card-data {card} must hold a JSON object, got list" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_help_texts_name_only_the_console_commands(capsys):
     for main in (cim_export.main, publish.main):
         with pytest.raises(SystemExit):

@@ -123,6 +123,9 @@ def test_timm_keyed_weights_load_under_the_enhancer_prefix(tmp_path):
 def test_a_pretraining_checkpoint_loads_into_the_backbone_and_classifier(tmp_path, make_tiny_model):
     pretraining = make_tiny_model(objective="revdet")
     pretraining.save_pretrained(tmp_path)
+    # A training checkpoint stays a transformers-native CIM model for the Auto classes.
+    assert type(AutoConfig.from_pretrained(tmp_path)) is CIMConfig
+    assert type(AutoModel.from_pretrained(tmp_path)) is CIMModel
     backbone, info = CIMModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"]
     assert not info["unexpected_keys"]  # generator.*, enhancer_head.* are expected extras

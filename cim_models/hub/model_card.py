@@ -1,4 +1,6 @@
-"""The model card of an exported CIM checkpoint: ``README.md`` from the packaged template.
+"""The model card of an exported CIM checkpoint: ``README.md`` from the packaged template, and
+the inputs it is filled from (card data, ``cim-eval`` / ``cim-finetune`` results files, the run's
+recorded recipe and training state).
 
 The YAML metadata goes through ``huggingface_hub.ModelCardData`` and the text through
 ``ModelCard.from_template``. The card says what the checkpoint is, how it was trained (the CIM
@@ -138,7 +140,8 @@ def read_card_data(paths: list[Path]) -> dict[str, Any]:
         if missing:
             raise CardDataError(
                 f"--card-data: results[{i}] lacks {missing}; every result needs task, dataset, "
-                "metric and value (see model_cards/README.md in the cim-models repository)."
+                "metric and value, and may add protocol, dataset_name, split, metric_name, source "
+                "and source_url."
             )
     if results:
         card["results"] = results
