@@ -214,7 +214,7 @@ class Payload:
 @dataclass
 class Pickles:
     folder: Path
-    images: torch.Tensor  # (2, 3, 112, 112) in [0, 1]
+    images: torch.Tensor  # (2, 3, 64, 64) in [0, 1]
     ref_ids: torch.Tensor  # the fake encoder's argmax on them
     ref_decoded: torch.Tensor  # the fake decoder's reconstruction of ref_ids
     pwned: Path  # the file every payload tries to create
@@ -262,9 +262,9 @@ def make_openai_pickles(root: Path) -> Pickles:
             for name, param in module.named_parameters():
                 if name.endswith(".b"):
                     param.data.normal_(std=0.1)
-        images = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+        images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            ref_ids = encoder(map_pixels(images)).argmax(1)  # (2, 14, 14)
+            ref_ids = encoder(map_pixels(images)).argmax(1)  # (2, 8, 8)
             stats = decoder(F.one_hot(ref_ids, 512).permute(0, 3, 1, 2).float())
             ref_decoded = torch.clamp((torch.sigmoid(stats[:, :3]) - 0.1) / 0.8, 0, 1)
 
