@@ -263,12 +263,16 @@ print("ALL OK")
 """
 
 
-def test_repo_loads_from_the_hub_cache_through_the_registered_name_and_cim_model(hub):
+def test_registered_name_hf_hub_and_cim_model_load_the_repo_and_ones_own_export(hub):
     cache = {"cache_dir": hub["cache"]}
+    own_file = dict(file=str(hub["out"] / "model.safetensors"))  # one's own, unpublished export
     for name, model in (
         ("registered", timm.create_model(ENHANCER, pretrained=True, **ENHANCER_KWARGS, **cache)),
         ("hf-hub", timm.create_model(f"hf-hub:{hub['repo_id']}", pretrained=True, **cache)),
-    ):
+        ("file", timm.create_model(
+            ENHANCER, pretrained=True, pretrained_cfg_overlay=own_file, **ENHANCER_KWARGS
+        )),
+    ):  # fmt: skip
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(hub["images"]), hub["pooled"], msg=name)
             torch.testing.assert_close(model.forward_features(hub["images"]), hub["features"])
