@@ -1,5 +1,5 @@
-"""The CIM generator: a small BEiT that predicts the visual tokens of masked patches, and the sampler
-that turns its predictions into a corrupted token grid."""
+"""The CIM generator: a small BEiT that predicts the visual tokens of masked patches, and the
+sampler that turns its predictions into a corrupted token grid."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from torch.utils.checkpoint import checkpoint
 
 
 class CIMGenerator(Beit):
-    """BEiT blocks with a shared relative position bias and layer scale, a learned ``[MASK]`` embedding
-    and a linear head to ``vocab_size`` token logits.
+    """BEiT blocks with a shared relative position bias and layer scale, a learned ``[MASK]``
+    embedding and a linear head to ``vocab_size`` token logits.
 
-    The ``[MASK]`` embedding replaces the patch embedding of each masked patch before any block runs, so
-    nothing of a masked patch's content reaches the logits.
+    The ``[MASK]`` embedding replaces the patch embedding of each masked patch before any block
+    runs, so nothing of a masked patch's content reaches the logits.
     """
 
     def __init__(
@@ -56,15 +56,14 @@ class CIMGenerator(Beit):
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor,
-        masked_index: torch.Tensor | None = None,
+        masked_index: torch.Tensor,
     ) -> torch.Tensor:
-        """Token logits at the masked positions only.
+        """Token logits at the masked positions only, (B, M, vocab_size).
 
-        ``pixel_values``: (B, 3, H, W); ``bool_masked_pos``: (B, N) with N = number of patches.
-        With ``masked_index`` (B, M) from :func:`~cim_models.masking.masked_indices` the logits are
-        (B, M, vocab_size) and every shape is static; without it they are (total masked, vocab_size) in
-        row-major order. The head runs only where a loss and a sample are needed, which saves most of
-        its vocab_size-way matmul.
+        ``pixel_values``: (B, 3, H, W); ``bool_masked_pos``: (B, N) with N = number of patches;
+        ``masked_index``: (B, M), the masked positions from
+        :func:`~cim_models.masking.masked_indices`, so every shape is static. The head runs only
+        where a loss and a sample are needed, which saves most of its vocab_size-way matmul.
         """
         x = self.patch_embed(pixel_values)  # (B, N, D)
         x = torch.where(bool_masked_pos.unsqueeze(-1), self.mask_token.to(x.dtype), x)
@@ -77,42 +76,36 @@ class CIMGenerator(Beit):
             else:
                 x = blk(x, shared_rel_pos_bias=rel_pos_bias)
         x = x[:, 1:]  # (B, N, D)
-        if masked_index is None:
-            x = x[bool_masked_pos]  # (total masked, D)
-        else:
-            x = x.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, M, D)
-        return self.lm_head(self.norm(x))
+        x = x.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, M, D)
+        return self.lm_head(self.norm(x))  # (B, M, V)
 
 
 def sample_tokens(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
-    bool_masked_pos: torch.Tensor,
+    masked_index: torch.Tensor,
     temperature: float = 1.0,
-    masked_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The corrupted token grid: masked positions draw from softmax(logits / temperature), the others
-    keep their original ids.
+    """The corrupted token grid: masked positions draw from softmax(logits / temperature), the
+    others keep their original ids.
 
-    ``input_ids``: (B, h, w); ``bool_masked_pos``: (B, h, w) or (B, N). ``logits`` as
-    :class:`CIMGenerator` returns them: (B, M, V) with ``masked_index`` (B, M), or (total masked, V)
-    without; (B, N, V) for every position also works. Every position of every sample draws
-    independently; ``temperature <= 0`` takes the argmax. Gumbel-max sampling needs no host
-    synchronisation and draws from torch's RNG, which Trainer checkpoints save.
+    ``logits``: (B, M, V) as :class:`CIMGenerator` returns them for ``masked_index`` (B, M);
+    ``input_ids``: (B, h, w) or (B, N); returns the same shape and dtype as ``input_ids``. Every
+    position of every sample draws independently; ``temperature <= 0`` takes the argmax.
+    Gumbel-max sampling needs no host synchronisation and draws from torch's RNG, which Trainer
+    checkpoints save.
     """
-    mask = bool_masked_pos.reshape(input_ids.shape[0], -1)  # (B, N)
-    if logits.ndim == 3 and masked_index is None:
-        logits = logits[mask]
+    if logits.shape[:2] != masked_index.shape:
+        raise ValueError(
+            f"logits must be (B, M, V) for a masked_index of shape (B, M) = "
+            f"{tuple(masked_index.shape)}, got {tuple(logits.shape)}; pass the generator's logits "
+            "at the masked positions."
+        )
     with torch.no_grad():
-        scores = logits.detach().float()
+        scores = logits.detach().float()  # (B, M, V)
         if temperature > 0:
             gumbel = -torch.empty_like(scores).exponential_().log()
             scores = scores / temperature + gumbel
-        sampled = scores.argmax(-1).to(input_ids.dtype)
-        corrupted = input_ids.reshape(mask.shape)
-        if masked_index is None:
-            corrupted = corrupted.clone()
-            corrupted[mask] = sampled
-        else:
-            corrupted = corrupted.scatter(1, masked_index, sampled)
+        sampled = scores.argmax(-1).to(input_ids.dtype)  # (B, M)
+        corrupted = input_ids.flatten(1).scatter(1, masked_index, sampled)  # (B, N)
     return corrupted.view_as(input_ids)

@@ -15,7 +15,14 @@ from torch import nn
 class TokenHead(nn.Module):
     """Linear per patch token to ``channels * patch_size**2`` values, unpatchified to an image."""
 
-    def __init__(self, embed_dim: int, channels: int, patch_size: int, grid_size: tuple[int, int], num_prefix_tokens: int):
+    def __init__(
+        self,
+        embed_dim: int,
+        channels: int,
+        patch_size: int,
+        grid_size: tuple[int, int],
+        num_prefix_tokens: int,
+    ):
         super().__init__()
         self.channels, self.patch_size, self.grid_size = channels, patch_size, grid_size
         self.num_prefix_tokens = num_prefix_tokens
@@ -29,7 +36,8 @@ class TokenHead(nn.Module):
 
 
 class MapHead(nn.Module):
-    """1x1 convolution to ``channels * upscale**2`` maps, pixel-shuffled ``upscale`` times larger."""
+    """1x1 convolution to ``channels * upscale**2`` maps, pixel-shuffled ``upscale`` times
+    larger."""
 
     def __init__(self, in_channels: int, channels: int, upscale: int):
         super().__init__()
@@ -40,7 +48,9 @@ class MapHead(nn.Module):
         return F.pixel_shuffle(self.proj(features), self.upscale)  # (B, C, H*up, W*up)
 
 
-def create_head(enhancer: nn.Module, objective: str, grid_size: tuple[int, int], patch_size: int) -> nn.Module:
+def create_head(
+    enhancer: nn.Module, objective: str, grid_size: tuple[int, int], patch_size: int
+) -> nn.Module:
     """The head for ``enhancer`` and ``objective``: ResPix -> (B, 3, H, W), RevDet -> (B, 1, h, w).
 
     ``grid_size`` is the visual-token grid and ``patch_size`` its stride in input pixels.
@@ -52,11 +62,14 @@ def create_head(enhancer: nn.Module, objective: str, grid_size: tuple[int, int],
         enhancer_patch = enhancer.patch_embed.patch_size[0]
         if objective == "revdet" and enhancer_grid != tuple(grid_size):
             raise ValueError(
-                f"RevDet predicts one logit per visual token, so the enhancer's patch grid {enhancer_grid} "
-                f"must equal the token grid {tuple(grid_size)}; use an enhancer with patch size {patch_size}."
+                f"RevDet predicts one logit per visual token, so the enhancer's patch grid "
+                f"{enhancer_grid} must equal the token grid {tuple(grid_size)}; use an enhancer "
+                f"with patch size {patch_size}."
             )
         out_patch = enhancer_patch if objective == "respix" else 1
-        return TokenHead(enhancer.num_features, channels, out_patch, enhancer_grid, enhancer.num_prefix_tokens)
+        return TokenHead(
+            enhancer.num_features, channels, out_patch, enhancer_grid, enhancer.num_prefix_tokens
+        )
     feature_info = getattr(enhancer, "feature_info", None)
     if not feature_info:
         raise ValueError(
@@ -67,7 +80,7 @@ def create_head(enhancer: nn.Module, objective: str, grid_size: tuple[int, int],
     upscale = stride if objective == "respix" else stride // patch_size
     if upscale < 1 or (objective == "revdet" and stride % patch_size):
         raise ValueError(
-            f"{name}'s final feature map has stride {stride}; RevDet needs a stride that is a multiple of "
-            f"the token stride {patch_size}."
+            f"{name}'s final feature map has stride {stride}; RevDet needs a stride that is a "
+            f"multiple of the token stride {patch_size}."
         )
     return MapHead(enhancer.num_features, channels, upscale)

@@ -1,12 +1,17 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cim_models import CIMConfig, CIMForPreTraining
+from cim_models import CIMConfig, CIMForPreTraining, sample_tokens
+from cim_models.masking import masked_indices
+from cim_models.objectives import sliding_window_normalize
 from cim_models.tokenizers import unmap_pixels
 from tests.tiny import tiny_batch, tiny_config
 
-COMBINATIONS = [(objective, enhancer) for objective in ("respix", "revdet") for enhancer in ("vit", "resnet")]
+COMBINATIONS = [
+    (objective, enhancer) for objective in ("respix", "revdet") for enhancer in ("vit", "resnet")
+]
 
 
 @pytest.mark.parametrize("objective,enhancer", COMBINATIONS)
@@ -34,7 +39,8 @@ def test_output_fields(make_tiny_model, objective, enhancer):
     model = make_tiny_model(objective, enhancer)
     output = model(**tiny_batch(model))
     torch.testing.assert_close(
-        output.loss, output.generator_loss + model.config.enhancer_loss_weight * output.enhancer_loss
+        output.loss,
+        output.generator_loss + model.config.enhancer_loss_weight * output.enhancer_loss,
     )
     assert output.corrupted_pixel_values.shape == (4, 3, 64, 64)
     assert 0 <= output.generator_accuracy <= 1 and 0 <= output.replaced_fraction <= 1
@@ -48,8 +54,8 @@ def test_unmasked_tokens_survive_and_replaced_mask_matches_masked_changes(make_t
     batch = tiny_batch(model)
     output = model(**batch)
     assert not output.replaced_mask[~batch["bool_masked_pos"]].any()
-    # Only masked tokens can change: re-encoding the corrupted image at unmasked cells gives the originals,
-    # since the palette decoder paints each cell independently.
+    # Only masked tokens can change: re-encoding the corrupted image at unmasked cells gives the
+    # originals, since the palette decoder paints each cell independently.
     original_ids = model.tokenizer.encode(batch["tokenizer_pixel_values"])
     reencoded = model.tokenizer.encode(
         torch.nn.functional.interpolate(output.corrupted_pixel_values, size=32, mode="area")
@@ -76,16 +82,82 @@ def test_dall_e_corruption_is_sigmoid_then_unmap_of_the_decoder(make_tiny_model)
     # With temperature 0 the corrupted grid is deterministic: rebuild the decoder's image by hand.
     mask = batch["bool_masked_pos"].flatten(1)
     ids = model.tokenizer.encode(batch["tokenizer_pixel_values"]).flatten(1)
-    logits = model.generator(batch["pixel_values"], mask)
-    ids[mask] = logits.argmax(-1)
+    logits = model.generator(batch["pixel_values"], mask, masked_indices(mask, 6))
+    ids[mask] = logits.argmax(-1).flatten()
     one_hot = torch.nn.functional.one_hot(ids.view(4, 4, 4), 512).permute(0, 3, 1, 2).float()
     decoded = unmap_pixels(torch.sigmoid(model.tokenizer.decoder(one_hot)[:, :3]))
-    expected = torch.nn.functional.interpolate(decoded, size=64, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(output.corrupted_pixel_values, expected.clamp(0, 1), atol=1e-5, rtol=0)
+    expected = torch.nn.functional.interpolate(
+        decoded, size=64, mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(
+        output.corrupted_pixel_values, expected.clamp(0, 1), atol=1e-5, rtol=0
+    )
+
+
+def _step_from_the_parts(model, batch):
+    """The CIM step written out from the model's parts (tokenizer, generator, decoder, enhancer,
+    head), as the paper describes it: what forward's stage methods must add up to."""
+    config = model.config
+    mask = batch["bool_masked_pos"].flatten(1)  # (B, N)
+    index = masked_indices(mask, config.num_mask_patches)
+    ids = model.tokenizer.encode(batch["tokenizer_pixel_values"])  # (B, h, w)
+    logits = model.generator(batch["pixel_values"], mask, index)  # (B, M, V)
+    masked_ids = ids.flatten(1).gather(1, index)
+    generator_loss = F.cross_entropy(logits.flatten(0, 1), masked_ids.flatten())
+    corrupted_ids = sample_tokens(logits, ids, index, config.sampling_temperature)
+    decoded = model.tokenizer.decode(corrupted_ids)
+    corrupted = F.interpolate(decoded, size=config.image_size, mode="bilinear", align_corners=False)
+    corrupted = corrupted.clamp(0, 1)
+    features = model.enhancer.forward_features((corrupted - model.image_mean) / model.image_std)
+    prediction = model.enhancer_head(features)
+    replaced = (corrupted_ids != ids) & mask.view_as(ids)
+    if config.objective == "respix":
+        original = batch["pixel_values"] * model.image_std + model.image_mean
+        target = sliding_window_normalize(original, config.window_size)
+        enhancer_loss = F.mse_loss(prediction, target)
+    else:
+        prediction = prediction.squeeze(1)
+        enhancer_loss = F.binary_cross_entropy_with_logits(prediction, replaced.float())
+    return dict(
+        generator_loss=generator_loss,
+        enhancer_loss=enhancer_loss,
+        loss=generator_loss + config.enhancer_loss_weight * enhancer_loss,
+        logits=prediction,
+        corrupted_pixel_values=corrupted,
+        replaced_mask=replaced,
+    )
 
 
 @pytest.mark.parametrize("objective", ["respix", "revdet"])
-def test_no_gradient_reaches_generator_from_enhancer_or_tokenizer_at_all(make_tiny_model, objective):
+def test_forward_is_the_stages_in_order_and_equals_the_parts(make_tiny_model, objective):
+    # Same seed, same numbers: splitting the step into methods changed nothing. Temperature 1 makes
+    # the sampler draw, so the order of the random draws is pinned too.
+    model = make_tiny_model(objective, tokenizer="dall-e").train()
+    batch = tiny_batch(model)
+    torch.manual_seed(1)
+    output = model(**batch)
+    torch.manual_seed(1)
+    expected = _step_from_the_parts(model, batch)
+    for key, value in expected.items():
+        torch.testing.assert_close(output[key], value, rtol=0, atol=0, msg=key)
+    assert output.replaced_mask.any()  # the sampler did replace tokens
+
+
+def test_forward_calls_the_stage_methods(make_tiny_model):
+    # Each stage is a method forward looks up on the model, so one can be swapped or timed alone.
+    model = make_tiny_model("revdet")
+    batch = tiny_batch(model)
+    model.corrupt = lambda ids: torch.zeros(ids.shape[0], 3, 64, 64)
+    output = model(**batch)
+    assert torch.equal(output.corrupted_pixel_values, torch.zeros(4, 3, 64, 64))
+    model.sample = lambda logits, ids, index: ids
+    assert not model(**batch).replaced_mask.any()
+
+
+@pytest.mark.parametrize("objective", ["respix", "revdet"])
+def test_no_gradient_reaches_generator_from_enhancer_or_tokenizer_at_all(
+    make_tiny_model, objective
+):
     model = make_tiny_model(objective, tokenizer="dall-e")
     output = model(**tiny_batch(model))
     output.enhancer_loss.backward()
@@ -108,7 +180,9 @@ def test_save_and_from_pretrained_round_trip_without_tokenizer_weights(make_tiny
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     assert not any(k.startswith("tokenizer.") for k in saved)
-    assert any(k.startswith("generator.") for k in saved) and any(k.startswith("enhancer.") for k in saved)
+    assert any(k.startswith("generator.") for k in saved) and any(
+        k.startswith("enhancer.") for k in saved
+    )
     reloaded = CIMForPreTraining.from_pretrained(tmp_path).eval()
     model.eval()
     for key, value in model.state_dict().items():
@@ -126,9 +200,13 @@ def test_tokenizer_weights_saved_when_asked(make_tiny_model, tmp_path):
     model = make_tiny_model(tokenizer="dall-e", save_tokenizer_weights=True)
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
-    assert torch.equal(saved["tokenizer.encoder.blocks.input.w"], model.tokenizer.encoder.blocks.input.w)
+    assert torch.equal(
+        saved["tokenizer.encoder.blocks.input.w"], model.tokenizer.encoder.blocks.input.w
+    )
     reloaded = CIMForPreTraining.from_pretrained(tmp_path)
-    assert torch.equal(reloaded.tokenizer.encoder.blocks.input.w, model.tokenizer.encoder.blocks.input.w)
+    assert torch.equal(
+        reloaded.tokenizer.encoder.blocks.input.w, model.tokenizer.encoder.blocks.input.w
+    )
     assert not any(p.requires_grad for p in reloaded.tokenizer.parameters())
 
 
@@ -141,7 +219,9 @@ def test_tokenizer_stays_out_of_trainable_parameters(make_tiny_model):
 
 
 def test_generator_width_follows_the_enhancer(make_tiny_model):
-    model = make_tiny_model("respix", generator_hidden_size=None, generator_num_attention_heads=None)
+    model = make_tiny_model(
+        "respix", generator_hidden_size=None, generator_num_attention_heads=None
+    )
     assert model.config.generator_hidden_size == 64 == model.generator.embed_dim
     assert model.config.generator_num_attention_heads == 1
 
@@ -169,7 +249,11 @@ def test_bad_configs_get_clear_errors():
     with pytest.raises(ValueError, match="num_mask_patches"):
         CIMConfig(image_size=64, num_mask_patches=20)
     with pytest.raises(ValueError, match="token grid"):
-        CIMForPreTraining(tiny_config("revdet", enhancer_kwargs=dict(depth=1, embed_dim=32, num_heads=1, patch_size=8)))
+        CIMForPreTraining(
+            tiny_config(
+                "revdet", enhancer_kwargs=dict(depth=1, embed_dim=32, num_heads=1, patch_size=8)
+            )
+        )
 
 
 @pytest.mark.parametrize("enhancer", ["vit", "resnet"])
