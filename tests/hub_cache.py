@@ -1,8 +1,8 @@
 """Put a folder into a Hugging Face Hub cache by hand, as if it had been downloaded from a repo.
 
 With ``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE`` pointing at the cache, ``hf_hub_download``,
-``snapshot_download``, timm's ``pretrained=True`` / ``hf-hub:`` and transformers' ``from_pretrained``
-all resolve the repo id from it (the layout of huggingface_hub 2.x):
+``snapshot_download``, timm's ``pretrained=True`` / ``hf-hub:`` and transformers'
+``from_pretrained`` all resolve the repo id from it (the layout of huggingface_hub 2.x):
 
     <cache>/models--<org>--<name>/blobs/<sha256 (LFS) | git blob sha1>
                                  /refs/main                      -> <commit>
@@ -25,7 +25,7 @@ def populate_hf_cache(
     revision: str = "main",
     repo_type: str = "model",
 ) -> str:
-    """Copy every file of ``folder`` into ``cache_dir`` under ``repo_id``; return the fake commit id."""
+    """Copy every file of ``folder`` into ``cache_dir`` under ``repo_id``; return the commit id."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     commit = hashlib.sha1(b"".join(p.read_bytes() for p in files) + revision.encode()).hexdigest()

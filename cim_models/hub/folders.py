@@ -1,5 +1,5 @@
-"""Writing an output folder all at once, for the conversion and export scripts: build it in a staging
-folder beside the target, then rename, so a failed run leaves nothing half-written."""
+"""Writing an output folder all at once, for ``cim-export`` and ``cim-convert-dall-e``: build it in
+a staging folder beside the target, then rename, so a failed run leaves nothing half-written."""
 
 from __future__ import annotations
 
@@ -8,16 +8,20 @@ import shutil
 from pathlib import Path
 
 
-def check_output_folder(out: Path, overwrite: bool, error: type[Exception] = FileExistsError) -> None:
+def check_output_folder(
+    out: Path, overwrite: bool, error: type[Exception] = FileExistsError
+) -> None:
     """Raise ``error`` unless ``out`` is missing, empty, or may be replaced."""
     if out.exists() and not out.is_dir():
         raise error(f"--out {out} exists and is not a folder; choose a folder path.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise error(f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder.")
+        raise error(
+            f"--out {out} is not empty; pass --overwrite to replace it, or choose another folder."
+        )
 
 
 def publish_folder(staging: Path, out: Path) -> None:
-    """Move the finished ``staging`` folder to ``out`` in one rename, replacing what ``out`` held."""
+    """Move the finished ``staging`` folder to ``out`` in one rename, replacing what it held."""
     if out.is_dir() and any(out.iterdir()):
         old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
         out.rename(old)
