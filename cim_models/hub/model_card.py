@@ -236,9 +236,12 @@ def _is_registered(name: str) -> bool:
 
 
 def _pooling_text(export: dict[str, Any]) -> str:
-    if export.get("global_pool") == "avg" and "fc_norm" in export["model_args"]:
+    pool, token_backbone = export.get("global_pool"), "fc_norm" in export["model_args"]
+    if pool == "avg" and token_backbone and not export["model_args"]["fc_norm"]:
         return "mean of the patch tokens after the final norm"
-    return f"timm `global_pool={export.get('global_pool')!r}`"
+    if pool == "avg" and not token_backbone:
+        return "average of the last feature map"
+    return f"output of timm's `global_pool={pool!r}`"
 
 
 def _eval_result(result: dict[str, Any]) -> EvalResult:
