@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, TimmWrapperConfig, TrainingArguments
 
 import cim_models
-from cim_models import CIMConfig, CIMForPreTraining, CIMModel
+from cim_models import CIMConfig, CIMForImageClassification, CIMForPreTraining, CIMModel
 from cim_models.hub import export as cim_export
 from cim_models.hub import model_card, publish
 from tests.hub_cache import populate_hf_cache
@@ -159,7 +159,7 @@ def test_exported_weights_are_the_enhancer_alone_with_timm_names(hub):
     stock.load_state_dict(weights, strict=True)
 
 
-def test_cim_model_loads_the_export_with_every_blocks_tokens(hub):
+def test_cim_classes_load_the_export_with_every_blocks_tokens(hub):
     model = CIMModel.from_pretrained(hub["out"]).eval()
     with torch.no_grad():
         outputs = model(pixel_values=hub["images"], output_hidden_states=True)
@@ -167,6 +167,13 @@ def test_cim_model_loads_the_export_with_every_blocks_tokens(hub):
     torch.testing.assert_close(outputs.pooler_output, hub["pooled"])
     assert len(outputs.hidden_states) == 1 + TINY_VIT["depth"]
     assert model.config.hidden_size == 64
+    classifier = CIMForImageClassification.from_pretrained(hub["out"], num_labels=3).eval()
+    with torch.no_grad():
+        pooled = classifier.enhancer.forward_head(
+            classifier.enhancer.forward_features(hub["images"])
+        )
+    torch.testing.assert_close(pooled, hub["pooled"])
+    assert classifier(pixel_values=hub["images"]).logits.shape == (2, 3)
 
 
 def test_pretraining_folder_continues_pretraining(hub):
