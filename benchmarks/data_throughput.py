@@ -2,11 +2,11 @@
 
 Writes photo-like JPEGs of ImageNet size into a temporary folder, then times the real pipeline
 (``ImageFolderDataset`` -> ``CIMDataCollator(TwoViewTransform, BlockMaskingGenerator)``) in one
-process and through DataLoader workers, each with and without JPEG draft mode. Divide the images/s
-a GPU consumes by the per-worker rate to get the number of data-loading cores it needs.
+process and through DataLoader workers. Divide the images/s a GPU consumes by the per-worker rate
+to get the number of data-loading cores it needs.
 
     python benchmarks/data_throughput.py                       # ImageNet-size, 224/112 views
-    python benchmarks/data_throughput.py --size 2400x1800      # camera-size photos: draft pays off
+    python benchmarks/data_throughput.py --size 2400x1800      # camera-size photos
     python benchmarks/data_throughput.py --json data_throughput.json
 """
 
@@ -25,13 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 
+from cim_models.data import CIMDataCollator, ImageFolderDataset, TwoViewTransform, open_image
 from cim_models.masking import BlockMaskingGenerator
-from cim_models.training.data import (
-    CIMDataCollator,
-    ImageFolderDataset,
-    TwoViewTransform,
-    open_image,
-)
 
 
 def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
@@ -111,61 +106,32 @@ def main(argv: list[str] | None = None) -> dict:
         transform, BlockMaskingGenerator((grid, grid), args.num_mask_patches)
     )
 
-    results, decode = [], {}
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         mean_bytes = write_images(Path(tmp), args.num_images, width, height)
-        datasets = {
-            False: ImageFolderDataset(tmp),
-            True: ImageFolderDataset(tmp, draft_size=transform.draft_size),
-        }
-        drafted_size = open_image(datasets[True].paths[0], transform.draft_size).size
-        for draft, dataset in datasets.items():
-            decode[draft] = best_rate(
-                lambda d=dataset: [open_image(p, d.draft_size) for p in d.paths],
-                len(dataset),
-                args.repeats,
-            )
+        dataset = ImageFolderDataset(tmp)
+        decode = best_rate(
+            lambda: [open_image(p) for p in dataset.paths], len(dataset), args.repeats
+        )
         images = args.num_images * args.passes
         for workers in args.workers:
-            # Draft off and on alternate pass by pass, so a burst of load elsewhere hits both.
-            loaders = {
-                draft: make_loader(dataset, collator, workers, args.batch_size, images)
-                for draft, dataset in datasets.items()
-            }
-            for loader in loaders.values():
-                drain(loader)  # warm-up: starts the workers, fills the page cache
-            times = {draft: [] for draft in loaders}
-            for _ in range(args.repeats):
-                for draft, loader in loaders.items():
-                    start = time.perf_counter()
-                    drain(loader)
-                    times[draft].append(time.perf_counter() - start)
-            for draft in loaders:
-                rate = images / min(times[draft])
-                results.append(
-                    {
-                        "workers": workers,
-                        "draft": draft,
-                        "images_per_s": rate,
-                        "images_per_s_per_worker": rate / max(workers, 1),
-                    }
-                )
-            del loaders
+            loader = make_loader(dataset, collator, workers, args.batch_size, images)
+            drain(loader)  # warm-up: starts the workers, fills the page cache
+            rate = best_rate(lambda loader=loader: drain(loader), images, args.repeats)
+            results.append(
+                {
+                    "workers": workers,
+                    "images_per_s": rate,
+                    "images_per_s_per_worker": rate / max(workers, 1),
+                }
+            )
+            del loader
 
-    speedup = {
-        r["workers"]: r["images_per_s"]
-        / next(
-            o["images_per_s"] for o in results if o["workers"] == r["workers"] and not o["draft"]
-        )
-        for r in results
-        if r["draft"]
-    }
     report = {
         "config": {
             "num_images": args.num_images,
             "jpeg_size": [width, height],
             "mean_jpeg_kib": mean_bytes / 1024,
-            "decoded_size_with_draft": list(drafted_size),
             "image_size": args.image_size,
             "tokenizer_image_size": args.tokenizer_image_size,
             "mask": f"{args.num_mask_patches} of {grid}x{grid}",
@@ -175,27 +141,22 @@ def main(argv: list[str] | None = None) -> dict:
             "pillow": Image.__version__,
             "python": platform.python_version(),
         },
-        "decode_only_images_per_s": {"full": decode[False], "draft": decode[True]},
+        "decode_only_images_per_s": decode,
         "pipeline": results,
-        "draft_speedup_by_workers": speedup,
     }
 
     print(
         f"{args.num_images} JPEGs {width}x{height} ({mean_bytes / 1024:.0f} KiB), views "
-        f"{args.image_size}/{args.tokenizer_image_size}, mask {report['config']['mask']}; "
-        f"draft decodes at {drafted_size[0]}x{drafted_size[1]}"
+        f"{args.image_size}/{args.tokenizer_image_size}, mask {report['config']['mask']}"
     )
-    print(f"decode only: {decode[False]:.0f} img/s full, {decode[True]:.0f} img/s draft")
-    print(f"{'workers':>7} | {'draft':>5} | {'img/s':>7} | {'img/s/worker':>12} | {'draft x':>7}")
+    print(f"decode only: {decode:.0f} img/s")
+    print(f"{'workers':>7} | {'img/s':>7} | {'img/s/worker':>12}")
     for r in results:
-        ratio = f"{speedup[r['workers']]:.2f}" if r["draft"] else ""
         print(
-            f"{r['workers']:>7} | {'on' if r['draft'] else 'off':>5} | {r['images_per_s']:7.0f} | "
-            f"{r['images_per_s_per_worker']:12.0f} | {ratio:>7}"
+            f"{r['workers']:>7} | {r['images_per_s']:7.0f} | {r['images_per_s_per_worker']:12.0f}"
         )
     # One worker is the cleanest per-core figure: with more, they share cores with the main process.
-    drafted = [r for r in results if r["draft"]]
-    per_core = next((r for r in drafted if r["workers"] == 1), drafted[0])[
+    per_core = next((r for r in results if r["workers"] == 1), results[0])[
         "images_per_s_per_worker"
     ]
     report["images_per_s_per_core"] = per_core

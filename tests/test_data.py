@@ -13,22 +13,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import RandomResizedCrop
 
-from cim_models.masking import BlockMaskingGenerator
-from cim_models.training.data import (
+from cim_models.data import (
     SHAPE_CLASSES,
     CIMDataCollator,
     ClassificationCollator,
-    EvalTransform,
+    DataArguments,
     ImageFolderDataset,
+    SeededDataset,
+    SeededRandomSampler,
     SyntheticShapes,
     TwoViewTransform,
     UnreadableImageError,
+    create_eval_transform,
     load_hf_dataset,
-    open_image,
+    load_split,
     to_rgb,
 )
+from cim_models.masking import BlockMaskingGenerator
 
 
 def _photo(width: int = 96, height: int = 72, seed: int = 0) -> Image.Image:
@@ -159,35 +161,6 @@ def test_images_smaller_than_the_crop_and_other_modes_work():
         assert torch.isfinite(views["pixel_values"]).all()
 
 
-def test_draft_size_rule_never_undercuts_the_smallest_crop():
-    transform = TwoViewTransform(224, 112)
-    assert transform.draft_size(500, 375) is None  # ImageNet-size photos are decoded in full
-    width, height = 4000, 3000
-    draft = transform.draft_size(width, height)
-    assert draft is not None
-    factor = 2 ** int(np.log2(min(width // draft[0], height // draft[1])))  # PIL's choice
-    decoded = width / factor * height / factor
-    assert np.sqrt(decoded * 0.08 * 0.75) - 0.5 >= 224
-    assert EvalTransform(224).draft_size(500, 375) is None
-    assert EvalTransform(224).draft_size(2000, 1000) == (512, 256)  # shorter side >= 256
-
-
-def test_jpeg_draft_decodes_smaller_and_still_covers_the_crop(tmp_path):
-    path = tmp_path / "big.jpg"
-    path.write_bytes(_jpeg_bytes(_photo(2400, 1800)))
-    transform = TwoViewTransform(224, 112)
-    full = open_image(path)
-    drafted = open_image(path, draft_size=transform.draft_size)
-    assert full.size == (2400, 1800) and drafted.size == (1200, 900)
-    assert drafted.mode == "RGB"
-    torch.manual_seed(0)
-    crops = [
-        RandomResizedCrop.get_params(drafted, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(2000)
-    ]
-    assert min(min(h, w) for _, _, h, w in crops) >= 224  # no crop is upsampled because of drafting
-    assert open_image(path, draft_size=(100, 100)).size == (300, 225)  # largest reduction is 1/8
-
-
 # --------------------------------------------------------------------------------------------------
 # Collators
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +197,7 @@ def test_image_folder_and_collator_run_in_dataloader_workers(tmp_path):
     for i in range(6):
         (tmp_path / f"{i}.jpg").write_bytes(_jpeg_bytes(_photo(seed=i)))
     transform = TwoViewTransform(32, 16)
-    dataset = ImageFolderDataset(tmp_path, draft_size=transform.draft_size)
+    dataset = ImageFolderDataset(tmp_path)
     collator = CIMDataCollator(transform, BlockMaskingGenerator((2, 2), 2))
     pickle.loads(pickle.dumps((dataset, collator)))  # spawn/forkserver workers need this
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=collator)
@@ -233,19 +206,19 @@ def test_image_folder_and_collator_run_in_dataloader_workers(tmp_path):
     assert "labels" not in batches[0]
 
 
-def test_eval_transform_matches_timm_and_classification_collator():
-    from timm.data import create_transform
-
+def test_eval_transform_resizes_crops_and_normalises_like_timm():
     image = _photo(120, 90)
-    ours = EvalTransform(64, crop_pct=0.875)(image)
-    timm_transform = create_transform(
-        64, is_training=False, crop_pct=0.875, interpolation="bicubic"
-    )
-    assert torch.allclose(ours, timm_transform(image), atol=1e-5)
-    batch = ClassificationCollator(EvalTransform(64))([{"image": image, "label": 3}] * 2)
+    ours = create_eval_transform(64, crop_pct=0.875)(image)
+    # By hand: shorter side to floor(64 / 0.875) = 73 (bicubic), centre 64 x 64, ImageNet mean/std.
+    resized = image.resize((97, 73), Image.Resampling.BICUBIC)
+    left, top = round((97 - 64) / 2), round((73 - 64) / 2)
+    crop = torch.from_numpy(np.asarray(resized.crop((left, top, left + 64, top + 64))).copy())
+    expected = crop.permute(2, 0, 1).float() / 255
+    assert torch.allclose(_unnormalise(ours), expected, atol=2 / 255)
+    batch = ClassificationCollator(create_eval_transform(64))([{"image": image, "label": 3}] * 2)
     assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["labels"].tolist() == [3, 3]
-    with pytest.raises(ValueError, match="interpolation"):
-        EvalTransform(interpolation="cubic")
+    with pytest.raises(ValueError, match="crop_pct"):
+        create_eval_transform(crop_pct=1.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,7 +412,6 @@ def test_missing_datasets_library_says_how_to_install(monkeypatch):
 
 
 def test_seeded_sampler_gives_each_draw_its_own_reproducible_seed():
-    from cim_models.training.data import SeededDataset, SeededRandomSampler
 
     sampler = SeededRandomSampler(10, seed=3)
     first = list(sampler)
@@ -453,7 +425,7 @@ def test_seeded_sampler_gives_each_draw_its_own_reproducible_seed():
     assert dataset.classes == dataset.dataset.classes
 
 
-def test_collator_draws_from_the_sample_seed_not_the_global_rng():
+def test_collator_draws_from_the_sample_seed_not_the_global_rng(monkeypatch):
     collate = CIMDataCollator(TwoViewTransform(32, 16), BlockMaskingGenerator(4, 6))
     image = SyntheticShapes(1, image_size=48)[0]["image"]
     torch.manual_seed(0)
@@ -462,6 +434,51 @@ def test_collator_draws_from_the_sample_seed_not_the_global_rng():
     assert torch.equal(torch.random.get_rng_state(), before)  # the global stream was not consumed
     torch.manual_seed(1)
     b = collate([{"image": image, "seed": 7}])
-    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["bool_masked_pos"], b["bool_masked_pos"])
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(
+        a["bool_masked_pos"], b["bool_masked_pos"]
+    )
     c = collate([{"image": image, "seed": 8}])
-    assert not torch.equal(a["bool_masked_pos"], c["bool_masked_pos"]) or not torch.equal(a["pixel_values"], c["pixel_values"])
+    assert not torch.equal(a["bool_masked_pos"], c["bool_masked_pos"]) or not torch.equal(
+        a["pixel_values"], c["pixel_values"]
+    )
+
+    # Only the CPU generator is seeded: CUDA's streams (torch.manual_seed reseeds them) stay put.
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", cuda_seeds.append)
+    collate([{"image": image, "seed": 9}, {"image": image, "seed": 10}])
+    assert cuda_seeds == []
+
+
+def test_seeded_sampler_epoch_changes_order_and_is_reproducible():
+    first = SeededRandomSampler(50, seed=1)
+    first.set_epoch(3)
+    again = SeededRandomSampler(50, seed=1)
+    again.set_epoch(3)
+    assert list(first) == list(again)  # a resumed run re-creates the epoch's order exactly
+    again.set_epoch(4)
+    assert list(first) != list(again)
+
+
+# --------------------------------------------------------------------------------------------------
+# The dispatch from the data flags
+# --------------------------------------------------------------------------------------------------
+
+
+def test_load_split_reads_folders_and_the_built_in_data(tmp_path):
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            _photo(seed=len(label)).save(tmp_path / split / label / "x.png")
+    folders = DataArguments(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"))
+    train, validation = load_split(folders, "train", 32), load_split(folders, "validation", 32)
+    assert isinstance(train, ImageFolderDataset) and train.classes == ["a", "b"]
+    assert validation.root == tmp_path / "val"
+    assert load_split(DataArguments(train_dir=str(tmp_path / "train")), "validation", 32) is None
+    with pytest.raises(ValueError, match="without --train_dir"):
+        load_split(DataArguments(validation_dir=str(tmp_path / "val")), "train", 32)
+    built_in = DataArguments(synthetic_train_samples=12, synthetic_eval_samples=5)
+    train, validation = load_split(built_in, "train", 40), load_split(built_in, "validation", 40)
+    assert (len(train), len(validation), train.image_size) == (12, 5, 40)
+    assert train.seed != validation.seed  # held-out images, not the training ones
+    assert not np.array_equal(np.asarray(train[0]["image"]), np.asarray(validation[0]["image"]))

@@ -13,12 +13,16 @@ from timm.loss import SoftTargetCrossEntropy
 from transformers import TrainingArguments
 
 from cim_models import CIMForImageClassification, CIMForPreTraining, CIMModel
-from cim_models.evaluation.backbone import find_model, load_backbone, load_classifier
-from cim_models.evaluation.backbone import resolve_source
+from cim_models.data import ClassificationCollator
+from cim_models.evaluation.backbone import (
+    find_model,
+    load_backbone,
+    load_classifier,
+    resolve_source,
+)
 from cim_models.evaluation.cli import eval_main, finetune_main
 from cim_models.evaluation.finetune import (
     FINETUNE_PRESETS,
-    FinetuneCollator,
     FinetuneTrainer,
     RecipeArguments,
     create_mixup,
@@ -111,8 +115,13 @@ def test_layer_decay_scales_each_resnet_block_by_stage_order(tmp_path):
 def test_scheduler_keeps_the_layer_ratios(tmp_path):
     model = CIMForImageClassification(tiny_config(num_labels=3))
     args = TrainingArguments(
-        output_dir=str(tmp_path), learning_rate=BASE_LR, lr_scheduler_type="cosine",
-        warmup_steps=2, max_steps=10, report_to="none", use_cpu=True,
+        output_dir=str(tmp_path),
+        learning_rate=BASE_LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        max_steps=10,
+        report_to="none",
+        use_cpu=True,
     )
     trainer = FinetuneTrainer(model=model, args=args, recipe=RecipeArguments(layer_decay=DECAY))
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
@@ -132,7 +141,7 @@ def test_scheduler_keeps_the_layer_ratios(tmp_path):
 def test_mixup_gives_soft_targets_and_the_loss_is_soft_cross_entropy_not_multilabel(tmp_path):
     recipe = RecipeArguments(mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     mixup = create_mixup(recipe, num_classes=10)
-    collator = FinetuneCollator(lambda image: torch.zeros(3, 64, 64), mixup)
+    collator = ClassificationCollator(lambda image: torch.zeros(3, 64, 64), mixup)
     batch = collator([{"image": None, "label": i % 10} for i in range(6)])
     assert batch["labels"].shape == (6, 10)
     torch.testing.assert_close(batch["labels"].sum(1), torch.ones(6))
@@ -211,9 +220,17 @@ def test_unlabelled_data_is_refused_with_what_to_pass(tmp_path, capsys):
     for split in ("train", "val"):
         (tmp_path / split).mkdir()
         Image.new("RGB", (16, 16)).save(tmp_path / split / "a.png")
-    args = ["knn", "--model_name_or_path", str(tmp_path / "model"),
-            "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val"),
-            "--output_dir", str(tmp_path / "out")]
+    args = [
+        "knn",
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--train_dir",
+        str(tmp_path / "train"),
+        "--validation_dir",
+        str(tmp_path / "val"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     assert eval_main(args) == 1
     assert "no labels" in capsys.readouterr().err
 
@@ -223,8 +240,12 @@ def test_unlabelled_data_is_refused_with_what_to_pass(tmp_path, capsys):
 
 # A tiny CNN enhancer: on 2 CPU cores a ResNet learns the shapes in a hundred steps, a ViT of the
 # same cost does not, and fine-tuning must have learnt something to beat the probe.
-TINY_RESNET = ["--enhancer", "cim_resnet50", "--enhancer_kwargs",
-               '{"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}']
+TINY_RESNET = [
+    "--enhancer",
+    "cim_resnet50",
+    "--enhancer_kwargs",
+    '{"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}',
+]
 DATA = ["--synthetic_train_samples", "1000", "--synthetic_eval_samples", "300"]
 QUIET = ["--disable_tqdm", "true"]
 
@@ -241,9 +262,18 @@ def evaluated(tmp_path_factory):
         output = ["--num_workers", "0", "--output_dir", str(root / "eval")]
         assert eval_main([command, *model, *DATA, *QUIET, *output]) == 0
     # The tiny preset with more, smaller steps and no crops: 125 steps of 16 images.
-    recipe = ["--per_device_train_batch_size", "16", "--num_train_epochs", "2",
-              "--base_learning_rate", "0.1", "--min_crop_scale", "1.0",
-              "--dataloader_pin_memory", "false"]
+    recipe = [
+        "--per_device_train_batch_size",
+        "16",
+        "--num_train_epochs",
+        "2",
+        "--base_learning_rate",
+        "0.1",
+        "--min_crop_scale",
+        "1.0",
+        "--dataloader_pin_memory",
+        "false",
+    ]
     args = [*model, *DATA, *QUIET, *recipe, "--output_dir", str(root / "finetune")]
     assert finetune_main(args) == 0
     return root
@@ -259,8 +289,11 @@ def test_the_commands_write_results_with_the_schema(evaluated):
         results = _results(evaluated, task)
         assert results["format"] == FORMAT and results["task"] == task
         assert results["dataset"] == {
-            "name": "synthetic-shapes", "source": results["dataset"]["source"],
-            "train_split": "train", "split": "validation", "num_classes": 10,
+            "name": "synthetic-shapes",
+            "source": results["dataset"]["source"],
+            "train_split": "train",
+            "split": "validation",
+            "num_classes": 10,
         }
         assert results["num_train_samples"] == 1000 and results["num_eval_samples"] == 300
         assert set(results["metrics"]) == {"top1", "top5"}
@@ -285,12 +318,12 @@ def test_finetuned_beats_linear_probe_which_beats_chance(evaluated):
 
 
 def test_linear_probe_reuses_the_cached_features(evaluated, monkeypatch):
-    import cim_models.evaluation.features as features
+    from cim_models.evaluation import features
 
     def fail(*args, **kwargs):
         raise AssertionError("features were recomputed")
 
-    monkeypatch.setattr(features, "pooled_features", fail)
+    monkeypatch.setattr(features, "extract_features", fail)
     model = ["--model_name_or_path", str(evaluated / "run" / "checkpoint-6")]
     args = ["linear", *model, *DATA, *QUIET, "--output_dir", str(evaluated / "eval")]
     assert eval_main(args) == 0
@@ -301,12 +334,33 @@ def test_vit_preset_with_mixup_randaugment_and_layer_decay_runs(tmp_path):
     torch.manual_seed(0)
     CIMForPreTraining(tiny_config(objective="revdet")).save_pretrained(tmp_path / "checkpoint-1")
     args = [
-        "--preset", "vit_small", "--model_name_or_path", str(tmp_path / "checkpoint-1"),
-        "--max_steps", "2", "--per_device_train_batch_size", "8",
-        "--synthetic_train_samples", "16", "--synthetic_eval_samples", "8",
-        "--bf16", "false", "--eval_strategy", "no", "--save_strategy", "no",
-        "--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false",
-        "--dataloader_pin_memory", "false", "--output_dir", str(tmp_path / "finetune"), *QUIET,
+        "--preset",
+        "vit_small",
+        "--model_name_or_path",
+        str(tmp_path / "checkpoint-1"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--synthetic_train_samples",
+        "16",
+        "--synthetic_eval_samples",
+        "8",
+        "--bf16",
+        "false",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--dataloader_num_workers",
+        "0",
+        "--dataloader_persistent_workers",
+        "false",
+        "--dataloader_pin_memory",
+        "false",
+        "--output_dir",
+        str(tmp_path / "finetune"),
+        *QUIET,
     ]
     assert finetune_main(args) == 0
     recipe = read_results(tmp_path / "finetune" / "finetune_results.json")["recipe"]

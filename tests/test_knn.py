@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from cim_models.knn import knn_accuracy, knn_predict
+from cim_models.evaluation.knn import knn_accuracy, knn_predict
 
 
 def _clusters(n, num_classes=10, dim=32, noise=0.3, seed=0):
@@ -36,4 +36,6 @@ def test_knn_matches_brute_force_reference_and_batching():
         order = similarity[q].argsort(descending=True)[:20]
         for i in order:
             reference[q, bank_labels[i]] += torch.exp(similarity[q, i] / 0.07)
-    torch.testing.assert_close(knn_predict(bank, bank_labels, queries, k=20, batch_size=7), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        knn_predict(bank, bank_labels, queries, k=20, batch_size=7), reference, rtol=1e-4, atol=1e-4
+    )

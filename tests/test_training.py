@@ -1,10 +1,11 @@
-"""The pre-training loop: the cim-pretrain command, resume, data problems, NaNs, optimizer groups."""
+"""The pre-training loop: the cim-pretrain command, its flags, resume, data problems, NaNs,
+optimizer groups."""
 
+import contextlib
+import io
 import json
-import os
 import shutil
-import subprocess
-import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,96 +14,174 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from cim_models.training.cli import build_trainer, parse_args
+from cim_models.data import UnreadableImageError
+from cim_models.training.cli import build_trainer, main, parse_args
+from cim_models.training.presets import PRESETS
 from cim_models.training.trainer import NonFiniteLossError
 
-# The tiny preset, shrunk further: a run of 6 steps takes seconds.
+# The tiny preset, shrunk further: 6 steps of 8 images take seconds. 32 training images make an
+# epoch of 4 steps, so a run resumed from checkpoint-3 resumes mid-epoch and crosses an epoch.
 FAST = [
     "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "2",
     "--image_log_steps", "3", "--num_grid_images", "4",
-    "--synthetic_train_samples", "64", "--synthetic_eval_samples", "32", "--knn_bank_samples", "64",
+    "--synthetic_train_samples", "32", "--synthetic_eval_samples", "32", "--knn_bank_samples", "32",
     "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
     "--enhancer_kwargs", '{"depth": 2, "patch_size": 8, "embed_dim": 64, "num_heads": 2}',
     "--generator_hidden_size", "32", "--generator_num_hidden_layers", "1",
-    "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
-]
+    "--dataloader_pin_memory", "false", "--disable_tqdm", "true", "--tokenizer", "palette",
+]  # fmt: skip
 
 
-def _cim_pretrain_command():
-    script = Path(sys.executable).with_name("cim-pretrain")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cim_models.training.cli"]
+def run_main(args: list[str]) -> str:
+    """``cim-pretrain ARGS`` in this process; returns what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(args) == 0
+    return printed.getvalue()
 
 
-def _run(args, **kwargs):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(_cim_pretrain_command() + args, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
 
 
-def _train_in_process(args):
-    trainer, _ = build_trainer(*parse_args(args))
-    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    return trainer
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One FAST cim-pretrain run (kNN monitor, image grids, checkpoints 3 and 6) and its output."""
+    run = tmp_path_factory.mktemp("pretrain") / "run"
+    return run, run_main([*FAST, "--output_dir", str(run)])
 
 
-def test_cim_pretrain_runs_end_to_end(tmp_path):
-    result = _run(FAST + ["--output_dir", str(tmp_path / "run")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "run"
+def test_cim_pretrain_runs_end_to_end(pretrained):
+    run, printed = pretrained
     checkpoint = run / "checkpoint-6"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "config.json").is_file()
-    weights = load_file(checkpoint / "model.safetensors")
-    assert any(k.startswith("enhancer.") for k in weights) and not any(k.startswith("tokenizer.") for k in weights)
+    weights = _weights(checkpoint)
+    assert any(k.startswith("enhancer.") for k in weights)
+    assert not any(k.startswith("tokenizer.") for k in weights)
     grid = Image.open(run / "image_grids" / "step_0000006.png")
     assert grid.size == (3 * 64, 4 * 64)  # original | corrupted | map, one row per image
     resolved = json.loads((run / "cim_pretrain_config.json").read_text())
     assert resolved["preset"] == "tiny" and resolved["model"]["objective"] == "revdet"
     assert resolved["model"]["enhancer_kwargs"]["depth"] == 2  # explicit flag beat the preset
-    assert "CIM pre-training finished" in result.stdout and "kNN top-1" in result.stdout
+    assert "CIM pre-training finished" in printed and "kNN top-1" in printed
     history = json.loads((run / "trainer_state.json").read_text())["log_history"]
     assert history[0]["step"] == 0 and "eval_knn_top1" in history[0]  # the untrained baseline
     train_logs = [h for h in history if "generator_loss" in h]
-    assert train_logs and {"enhancer_loss", "generator_accuracy", "replaced_fraction", "revdet_accuracy"} <= set(train_logs[0])
+    expected = {"enhancer_loss", "generator_accuracy", "replaced_fraction", "revdet_accuracy"}
+    assert train_logs and expected <= set(train_logs[0])
+    assert not (run / "knn_baseline.json").exists()  # the baseline lives in the log history
 
 
-def test_help_is_grouped_and_shows_defaults():
-    result = _run(["--help"])
-    assert result.returncode == 0
-    assert "--preset {resnet50,tiny,vit_base,vit_small}" in result.stdout
-    assert "(default: 0.07)" in result.stdout and "--tokenizer_weights" in result.stdout
+def test_help_is_grouped_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "--preset {resnet50,tiny,vit_base,vit_small}" in printed
+    assert "(default: 0.07)" in printed and "--tokenizer_weights" in printed
+    assert "--overwrite_output_dir" in printed and "--model_name_or_path" in printed
 
 
 def test_dall_e_without_weights_says_how_to_convert(tmp_path):
-    result = _run(["--preset", "vit_small", "--bf16", "false", "--output_dir", str(tmp_path)])
-    assert result.returncode != 0
-    assert "convert_dall_e.py" in result.stderr and "--tokenizer palette" in result.stderr
+    with pytest.raises(SystemExit) as exit_:
+        build_trainer(
+            *parse_args(["--preset", "vit_small", "--bf16", "false", "--output_dir", str(tmp_path)])
+        )
+    assert "cim-convert-dall-e" in str(exit_.value) and "--tokenizer palette" in str(exit_.value)
 
 
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
-    full = tmp_path / "full"
-    _train_in_process(FAST + ["--output_dir", str(full)])
-    # A run killed right after its first checkpoint leaves only checkpoint-3 behind.
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    shutil.copytree(full / "checkpoint-3", killed / "checkpoint-3")
-    _train_in_process(FAST + ["--output_dir", str(killed), "--resume_from_checkpoint", "last"])
-    uninterrupted = load_file(full / "checkpoint-6" / "model.safetensors")
-    resumed = load_file(killed / "checkpoint-6" / "model.safetensors")
-    assert uninterrupted.keys() == resumed.keys()
-    for key in uninterrupted:
-        assert torch.equal(uninterrupted[key], resumed[key]), key
-    assert not torch.equal(uninterrupted["enhancer.cls_token"], load_file(full / "checkpoint-3" / "model.safetensors")["enhancer.cls_token"])
+# --------------------------------------------------------------------------------------------------
+# Flags do what they say
 
 
-def test_resume_last_without_checkpoint_is_a_clear_error(tmp_path):
+def test_explicit_learning_rate_is_the_rate_used(tmp_path):
+    trainer, _ = build_trainer(
+        *parse_args([*FAST, "--learning_rate", "0.0123", "--output_dir", str(tmp_path)])
+    )
+    assert trainer.args.learning_rate == 0.0123  # not the preset's base rate x batch / 256
+    assert trainer.create_optimizer().param_groups[0]["lr"] == 0.0123
+
+
+def test_base_learning_rate_scales_with_the_global_batch(tmp_path):
+    preset_base = PRESETS["tiny"]["base_learning_rate"]
+    args = parse_args([*FAST, "--output_dir", str(tmp_path)])[2]  # the preset's base rate
+    assert args.learning_rate == pytest.approx(preset_base * 8 / 256)
+    args = parse_args([*FAST, "--base_learning_rate", "0.0256", "--output_dir", str(tmp_path)])[2]
+    assert args.learning_rate == pytest.approx(0.0256 * 8 / 256)
+    with pytest.raises(SystemExit):  # two rates that would disagree
+        parse_args([*FAST, "--learning_rate", "1e-3", "--base_learning_rate", "1e-3"])
+
+
+def test_own_data_without_a_preset_is_refused_listing_the_presets(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        parse_args(FAST + ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
+        parse_args(["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert "--preset" in error and all(name in error for name in PRESETS)
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(pretrained, tmp_path):
+    full, _ = pretrained
+    # A run killed while saving checkpoint-5, after checkpoint-3: checkpoint-5 has no
+    # trainer_state.json. Rerunning the same command resumes from checkpoint-3 by itself (mid-epoch
+    # 0 of 4-step epochs), crosses into epoch 1 and ends where the uninterrupted run ended.
+    killed = tmp_path / "killed"
+    shutil.copytree(full / "checkpoint-3", killed / "checkpoint-3")
+    shutil.copytree(full / "checkpoint-3", killed / "checkpoint-5")
+    (killed / "checkpoint-5" / "trainer_state.json").unlink()
+    args = parse_args([*FAST, "--output_dir", str(killed)])
+    assert args[2].resume_from_checkpoint == str(killed / "checkpoint-3")
+    trainer, _ = build_trainer(*args)
+    trainer.train(resume_from_checkpoint=args[2].resume_from_checkpoint)
+    assert trainer.state.epoch > 1  # crossed an epoch boundary after resuming
+    uninterrupted, resumed = _weights(full / "checkpoint-6"), _weights(killed / "checkpoint-6")
+    assert uninterrupted.keys() == resumed.keys()
+    different = [key for key in uninterrupted if not torch.equal(uninterrupted[key], resumed[key])]
+    assert different == []
+    at_three = _weights(full / "checkpoint-3")
+    assert not torch.equal(uninterrupted["enhancer.cls_token"], at_three["enhancer.cls_token"])
+
+
+def test_resume_flags_pick_the_newest_complete_checkpoint(pretrained, tmp_path, caplog):
+    full, _ = pretrained
+    run = tmp_path / "run"
+    for step in (3, 6):
+        shutil.copytree(full / f"checkpoint-{step}", run / f"checkpoint-{step}")
+    (run / "checkpoint-6" / "trainer_state.json").unlink()  # cut off while saving
+    for flag in ("last", "true", "True"):
+        args = parse_args([*FAST, "--output_dir", str(run), "--resume_from_checkpoint", flag])[2]
+        assert args.resume_from_checkpoint == str(run / "checkpoint-3"), flag
+    assert "checkpoint-6" in caplog.text and "not completely saved" in caplog.text
+    path = str(full / "checkpoint-6")
+    args = parse_args([*FAST, "--output_dir", str(run), "--resume_from_checkpoint", path])[2]
+    assert args.resume_from_checkpoint == path
+
+
+def test_output_folder_without_checkpoints_is_refused_unless_overwritten(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # nothing to resume from
+        parse_args([*FAST, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
+    (tmp_path / "notes.txt").write_text("someone else's file")
+    with pytest.raises(SystemExit):
+        parse_args([*FAST, "--output_dir", str(tmp_path)])
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    args = parse_args([*FAST, "--output_dir", str(tmp_path), "--overwrite_output_dir", "true"])[2]
+    assert args.resume_from_checkpoint is None and not (tmp_path / "notes.txt").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Data problems
 
 
 def _write_odd_images(folder: Path) -> dict[str, Path]:
     for label in ("a", "b"):
         (folder / label).mkdir(parents=True)
         for i in range(6):
-            Image.new("RGB", (80, 70), (40 * i, 100, 200 if label == "a" else 20)).save(folder / label / f"ok{i}.jpg")
+            colour = (40 * i, 100, 200 if label == "a" else 20)
+            Image.new("RGB", (80, 70), colour).save(folder / label / f"ok{i}.jpg")
     odd = {
         "cmyk": folder / "a" / "cmyk.jpg",
         "sixteen": folder / "a" / "sixteen.png",
@@ -127,23 +206,30 @@ def _write_odd_images(folder: Path) -> dict[str, Path]:
 
 def test_odd_and_broken_images_are_skipped_and_named(tmp_path):
     bad = _write_odd_images(tmp_path / "images")
-    args = FAST + ["--train_dir", str(tmp_path / "images"), "--output_dir", str(tmp_path / "run"),
-                   "--max_steps", "4", "--per_device_train_batch_size", "16", "--image_log_steps", "0"]
-    result = _run(args)
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = [*FAST, "--preset", "tiny", "--train_dir", str(tmp_path / "images"), "--max_steps",
+            "4", "--per_device_train_batch_size", "16", "--image_log_steps", "0"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        printed = run_main([*args, "--output_dir", str(tmp_path / "run")])
+    warned = "\n".join(str(w.message) for w in caught)
     for path in bad.values():
-        assert path.name in result.stderr + result.stdout
-    strict = _run(args + ["--strict_data", "true", "--output_dir", str(tmp_path / "strict")])
-    assert strict.returncode != 0
-    assert any(path.name in strict.stderr for path in bad.values())
-    assert "--strict_data" in strict.stderr
+        assert path.name in warned and path.name in printed  # warned, and listed in the summary
+    strict = [*args, "--strict_data", "true", "--output_dir", str(tmp_path / "strict")]
+    with pytest.raises(UnreadableImageError, match="--strict_data") as error:
+        main(strict)
+    assert any(path.name in str(error.value) for path in bad.values())
 
 
 def test_empty_folder_fails_before_training(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = _run(FAST + ["--train_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "run")])
-    assert result.returncode != 0 and "empty" in result.stderr
+    args = [*FAST, "--preset", "tiny", "--train_dir", str(tmp_path / "empty")]
+    with pytest.raises(ValueError, match="No image files found under .*empty"):
+        main([*args, "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run" / "checkpoint-3").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite losses
 
 
 def _nan_at(trainer, steps):
@@ -161,8 +247,9 @@ def _nan_at(trainer, steps):
 
 
 def test_nan_loss_skips_the_update_and_is_counted(tmp_path):
-    trainer, _ = build_trainer(*parse_args(FAST + ["--output_dir", str(tmp_path), "--eval_strategy", "no",
-                                                   "--image_log_steps", "0", "--logging_steps", "1"]))
+    args = [*FAST, "--output_dir", str(tmp_path), "--eval_strategy", "no",
+            "--image_log_steps", "0", "--logging_steps", "1", "--save_strategy", "no"]  # fmt: skip
+    trainer, _ = build_trainer(*parse_args(args))
     _nan_at(trainer, {2})
     snapshots = {}
 
@@ -180,8 +267,9 @@ def test_nan_loss_skips_the_update_and_is_counted(tmp_path):
 
 
 def test_a_stream_of_nans_stops_the_run_with_a_message(tmp_path):
-    trainer, _ = build_trainer(*parse_args(FAST + ["--output_dir", str(tmp_path), "--eval_strategy", "no",
-                                                   "--image_log_steps", "0", "--max_nonfinite_steps", "2"]))
+    args = [*FAST, "--output_dir", str(tmp_path), "--eval_strategy", "no",
+            "--image_log_steps", "0", "--max_nonfinite_steps", "2"]  # fmt: skip
+    trainer, _ = build_trainer(*parse_args(args))
     _nan_at(trainer, set(range(4, 100)))
     with pytest.raises(NonFiniteLossError, match="2 optimizer steps in a row") as error:
         trainer.train()
@@ -189,10 +277,13 @@ def test_a_stream_of_nans_stops_the_run_with_a_message(tmp_path):
     assert (tmp_path / "checkpoint-3" / "model.safetensors").is_file()
 
 
-def test_optimizer_groups_and_learning_rate_scaling(tmp_path):
-    trainer, _ = build_trainer(*parse_args(FAST + ["--output_dir", str(tmp_path), "--generator_lr_scale", "0.5",
-                                                   "--base_learning_rate", "0.0256"]))
-    assert trainer.args.learning_rate == pytest.approx(0.0256 * 8 / 256)
+# --------------------------------------------------------------------------------------------------
+# Optimizer groups
+
+
+def test_optimizer_groups(tmp_path):
+    args = [*FAST, "--output_dir", str(tmp_path), "--generator_lr_scale", "0.5"]
+    trainer, _ = build_trainer(*parse_args(args))
     optimizer = trainer.create_optimizer()
     model = trainer.model
     names = {id(p): n for n, p in model.named_parameters()}
@@ -202,9 +293,12 @@ def test_optimizer_groups_and_learning_rate_scaling(tmp_path):
             by_name[names[id(param)]] = group
     assert not any(name.startswith("tokenizer.") for name in by_name)
     assert set(by_name) == {n for n, p in model.named_parameters() if p.requires_grad}
-    for name in ("enhancer.pos_embed", "enhancer.cls_token", "generator.mask_token", "enhancer.norm.weight",
-                 "enhancer.blocks.0.attn.qkv.bias", "generator.rel_pos_bias.relative_position_bias_table"):
+    for name in ("enhancer.pos_embed", "enhancer.cls_token", "generator.mask_token",
+                 "enhancer.norm.weight", "enhancer.blocks.0.attn.qkv.bias",
+                 "generator.rel_pos_bias.relative_position_bias_table"):  # fmt: skip
         assert by_name[name]["weight_decay"] == 0.0, name
     assert by_name["enhancer.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
-    assert by_name["generator.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(0.5 * by_name["enhancer.blocks.0.attn.qkv.weight"]["lr"])
-    assert names[id(optimizer.param_groups[0]["params"][0])].startswith("enhancer")  # logged lr = enhancer's
+    enhancer_lr = by_name["enhancer.blocks.0.attn.qkv.weight"]["lr"]
+    assert by_name["generator.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(0.5 * enhancer_lr)
+    first = names[id(optimizer.param_groups[0]["params"][0])]
+    assert first.startswith("enhancer")  # the logged learning rate is the enhancer's

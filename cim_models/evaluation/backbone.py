@@ -4,7 +4,7 @@ A source is any of
 - a ``cim-pretrain`` run folder (``RUN``: the final model) or one of its checkpoints
   (``RUN/checkpoint-N``): ``config.json`` with ``model_type: "cim"`` and ``model.safetensors`` with
   ``enhancer.*`` keys (the generator and heads in it are ignored);
-- a folder written by ``conversion/export_checkpoint.py`` (timm key names) or by
+- a folder written by ``cim-export`` (timm key names) or by
   ``save_pretrained``;
 - a Hub repo id of either (``org/name``; ``--model_revision`` picks a branch, tag or commit).
 
@@ -105,7 +105,7 @@ def find_model(source: str, revision: str | None = None) -> ModelSource:
     if raw.get("model_type") != "cim":
         raise ValueError(
             f"{source} has model_type {raw.get('model_type')!r}, not 'cim'. Pass a CIM model: a "
-            "cim-pretrain run or checkpoint, a folder from conversion/export_checkpoint.py, or its "
+            "cim-pretrain run or checkpoint, a folder cim-export wrote, or its "
             "Hub repo."
         )
     return ModelSource(source, path, revision, CIMConfig.from_dict(raw))

@@ -11,7 +11,6 @@ shapes), and write a results JSON (``cim_models.evaluation.results``) to their o
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -24,8 +23,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from ..knn import knn_accuracy
-from ..training.data import ClassificationCollator, EvalTransform
+from ..data import ClassificationCollator, argument, create_eval_transform
+from ..training.arguments import (
+    RunArguments,
+    explicit_flags,
+    global_batch_size,
+    parse_known,
+    prepare_output_dir,
+    resolve_learning_rate,
+    use_fast_cpu_math,
+)
 from .backbone import (
     ImageSettings,
     ModelSource,
@@ -39,35 +46,32 @@ from .data import DataArguments, LabelledData, load_labelled_data
 from .features import cached_features
 from .finetune import (
     FINETUNE_PRESETS,
-    FinetuneCollator,
     FinetuneTrainer,
     RecipeArguments,
     create_mixup,
-    topk_metrics,
-    topk_predictions,
     train_transform,
 )
+from .knn import knn_accuracy
 from .linear_probe import LINEAR_PROBE_PRESETS, evaluate_probe, train_linear_probe
+from .metrics import topk_metrics, topk_predictions
 from .results import build_results, write_results
 
 logger = logging.getLogger("cim_models.evaluation")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def _arg(default: Any, help: str, **metadata: Any) -> Any:
-    return field(default=default, metadata={"help": help, **metadata})
-
-
 @dataclass
 class ModelArguments:
     """The backbone to evaluate."""
 
-    model_name_or_path: str = field(metadata={
-        "help": "A cim-pretrain run or checkpoint folder, a folder from export_checkpoint.py, or "
-        "a Hub repo id."
-    })
-    model_revision: str | None = _arg(None, "Hub branch, tag or commit.")
-    eval_crop_pct: float | None = _arg(
+    model_name_or_path: str = field(
+        metadata={
+            "help": "A cim-pretrain run or checkpoint folder, a folder cim-export wrote, or a Hub "
+            "repo id."
+        }
+    )
+    model_revision: str | None = argument(None, "Hub branch, tag or commit.")
+    eval_crop_pct: float | None = argument(
         None, "Centre-crop fraction of the evaluation transform (default: the model's timm cfg)."
     )
 
@@ -76,49 +80,44 @@ class ModelArguments:
 class EvalArguments:
     """Where results go and how features are computed."""
 
-    output_dir: str | None = _arg(
+    output_dir: str | None = argument(
         None, "Results folder (default: eval-<model folder name> next to the model folder)."
     )
-    batch_size: int = _arg(256, "Images per forward pass when computing features.")
-    num_workers: int = _arg(4, "DataLoader worker processes.")
-    device: str | None = _arg(None, "cuda, cpu, ... (default: cuda when available).")
-    use_cache: bool = _arg(True, "Reuse and keep the features in output_dir/features.safetensors.")
-    seed: int = _arg(0, "Seed of the linear probe.")
-    disable_tqdm: bool = _arg(False, "No progress bars.")
+    batch_size: int = argument(256, "Images per forward pass when computing features.")
+    num_workers: int = argument(4, "DataLoader worker processes.")
+    device: str | None = argument(None, "cuda, cpu, ... (default: cuda when available).")
+    use_cache: bool = argument(
+        True, "Reuse and keep the features in output_dir/features.safetensors."
+    )
+    seed: int = argument(0, "Seed of the linear probe.")
+    disable_tqdm: bool = argument(False, "No progress bars.")
 
 
 @dataclass
 class KNNArguments:
     """k-NN classification (InstDisc/DINO): cosine similarity, votes weighted by exp(sim / T)."""
 
-    k: int = _arg(20, "Neighbours that vote.")
-    temperature: float = _arg(0.07, "Vote temperature T.")
+    k: int = argument(20, "Neighbours that vote.")
+    temperature: float = argument(0.07, "Vote temperature T.")
 
 
 @dataclass
 class LinearProbeArguments:
     """The linear probe (MAE: BatchNorm without affine + linear); defaults come from --preset."""
 
-    preset: str = _arg(
+    preset: str = argument(
         "tiny", f"One of {sorted(LINEAR_PROBE_PRESETS)}.", choices=sorted(LINEAR_PROBE_PRESETS)
     )
-    optimizer: str = _arg("momentum", "timm optimizer: lars (MAE), momentum (SGD), adamw, ...")
-    base_learning_rate: float = _arg(1.0, "Learning rate per 256 images.")
-    train_batch_size: int = _arg(256, "Features per step.")
-    epochs: int = _arg(100, "Passes over the training features.")
-    warmup_epochs: float = _arg(10, "Linear warm-up, then cosine decay.")
-    weight_decay: float = _arg(0.0, "Weight decay of the linear layer.")
+    optimizer: str = argument("momentum", "timm optimizer: lars (MAE), momentum (SGD), adamw, ...")
+    base_learning_rate: float = argument(1.0, "Learning rate per 256 images.")
+    train_batch_size: int = argument(256, "Features per step.")
+    epochs: int = argument(100, "Passes over the training features.")
+    warmup_epochs: float = argument(10, "Linear warm-up, then cosine decay.")
+    weight_decay: float = argument(0.0, "Weight decay of the linear layer.")
 
 
 # --------------------------------------------------------------------------------------------------
 # Shared pieces
-
-
-def _pre_parse(argv: list[str], **flags: str | None) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)
-    for flag, default in flags.items():  # HfArgumentParser also accepts --flag-name
-        pre.add_argument(f"--{flag}", f"--{flag.replace('_', '-')}", dest=flag, default=default)
-    return pre.parse_known_args(argv)[0]
 
 
 def _parse(parser: HfArgumentParser, argv: list[str]) -> tuple:
@@ -134,13 +133,17 @@ def _device(name: str | None) -> torch.device:
 
 
 def _transform_record(settings: ImageSettings) -> dict[str, Any]:
-    return {"image_size": settings.image_size, "crop_pct": settings.crop_pct,
-            "interpolation": settings.interpolation, "mean": list(settings.mean),
-            "std": list(settings.std)}
+    return {
+        "image_size": settings.image_size,
+        "crop_pct": settings.crop_pct,
+        "interpolation": settings.interpolation,
+        "mean": list(settings.mean),
+        "std": list(settings.std),
+    }
 
 
 def _eval_collator(settings: ImageSettings) -> ClassificationCollator:
-    transform = EvalTransform(
+    transform = create_eval_transform(
         settings.image_size, settings.mean, settings.std, settings.crop_pct, settings.interpolation
     )
     return ClassificationCollator(transform)
@@ -184,7 +187,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         (ModelArguments, DataArguments, EvalArguments, protocol_args), prog=f"cim-eval {command}"
     )
     if command == "linear":
-        preset = _pre_parse(argv, preset="tiny").preset
+        preset = parse_known(argv, preset="tiny").preset
         if preset not in LINEAR_PROBE_PRESETS:
             parser.error(f"unknown preset {preset!r}; choose one of {sorted(LINEAR_PROBE_PRESETS)}")
         parser.set_defaults(**LINEAR_PROBE_PRESETS[preset])
@@ -214,32 +217,64 @@ def run_eval(
     settings = image_settings(backbone, model_args.eval_crop_pct)
     data = load_labelled_data(data_args, settings.image_size)
     collator = _eval_collator(settings)
-    fingerprint = {"weights": source.fingerprint, "data": data.fingerprint,
-                   "transform": repr(collator.transform), **_transform_record(settings)}
+    fingerprint = {
+        "weights": source.fingerprint,
+        "data": data.fingerprint,
+        "transform": repr(collator.transform),
+        **_transform_record(settings),
+    }
     features = cached_features(
-        backbone.enhancer.to(device), {"train": data.train, "validation": data.validation},
-        collator, output_dir, fingerprint, eval_args.batch_size, eval_args.num_workers, device,
-        eval_args.use_cache, eval_args.disable_tqdm,
+        backbone.enhancer.to(device),
+        {"train": data.train, "validation": data.validation},
+        collator,
+        output_dir,
+        fingerprint,
+        eval_args.batch_size,
+        eval_args.num_workers,
+        device,
+        eval_args.use_cache,
+        eval_args.disable_tqdm,
     )
     (train_x, train_y), (val_x, val_y) = features["train"], features["validation"]  # (N, D), (N,)
-    common = {"features": "pooled pre-logits of the frozen backbone (timm forward_head("
-              "pre_logits=True)), from the evaluation transform", **_transform_record(settings)}
+    common = {
+        "features": "pooled pre-logits of the frozen backbone (timm forward_head("
+        "pre_logits=True)), from the evaluation transform",
+        **_transform_record(settings),
+    }
 
     if command == "knn":
         accuracy = knn_accuracy(
-            F.normalize(train_x, dim=1).to(device), train_y.to(device),
-            F.normalize(val_x, dim=1).to(device), val_y.to(device),
-            k=protocol.k, temperature=protocol.temperature, topk=(1, 5),
+            F.normalize(train_x, dim=1).to(device),
+            train_y.to(device),
+            F.normalize(val_x, dim=1).to(device),
+            val_y.to(device),
+            k=protocol.k,
+            temperature=protocol.temperature,
+            topk=(1, 5),
         )
         metrics = {"top1": accuracy[1], "top5": accuracy[5]}
         task, name = "knn", f"kNN (k={protocol.k}, T={protocol.temperature})"
-        recipe = {"k": protocol.k, "temperature": protocol.temperature, "similarity": "cosine",
-                  "vote": "sum of exp(similarity / T) per class", **common}
+        recipe = {
+            "k": protocol.k,
+            "temperature": protocol.temperature,
+            "similarity": "cosine",
+            "vote": "sum of exp(similarity / T) per class",
+            **common,
+        }
     else:
         probe = train_linear_probe(
-            train_x, train_y, data.num_classes, protocol.optimizer, protocol.base_learning_rate,
-            protocol.train_batch_size, protocol.epochs, protocol.warmup_epochs,
-            protocol.weight_decay, eval_args.seed, device, eval_args.disable_tqdm,
+            train_x,
+            train_y,
+            data.num_classes,
+            protocol.optimizer,
+            protocol.base_learning_rate,
+            protocol.train_batch_size,
+            protocol.epochs,
+            protocol.warmup_epochs,
+            protocol.weight_decay,
+            eval_args.seed,
+            device,
+            eval_args.disable_tqdm,
         )
         metrics = evaluate_probe(probe, val_x, val_y)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -248,12 +283,25 @@ def run_eval(
         batch = min(protocol.train_batch_size, len(train_x))
         task = "linear_probe"
         name = f"linear probe (BatchNorm + linear, {protocol.preset} recipe)"
-        recipe = {**asdict(protocol), "learning_rate": protocol.base_learning_rate * batch / 256,
-                  "effective_batch_size": batch, "seed": eval_args.seed,
-                  "head": "BatchNorm1d(affine=False, eps=1e-6) + Linear", **common}
+        recipe = {
+            **asdict(protocol),
+            "learning_rate": protocol.base_learning_rate * batch / 256,
+            "effective_batch_size": batch,
+            "seed": eval_args.seed,
+            "head": "BatchNorm1d(affine=False, eps=1e-6) + Linear",
+            **common,
+        }
     results = build_results(
-        task, name, model_args.model_name_or_path, source.description, data.description, metrics,
-        recipe, len(train_y), len(val_y), time.perf_counter() - started,
+        task,
+        name,
+        model_args.model_name_or_path,
+        source.description,
+        data.description,
+        metrics,
+        recipe,
+        len(train_y),
+        len(val_y),
+        time.perf_counter() - started,
     )
     return results, write_results(results, output_dir)
 
@@ -264,28 +312,70 @@ def run_eval(
 
 def parse_finetune_args(
     argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, RecipeArguments, TrainingArguments]:
+) -> tuple[ModelArguments, DataArguments, RecipeArguments, RunArguments]:
+    """The four argument groups, with the preset's defaults, the learning rate, the optimizer and
+    the checkpoint to resume from resolved."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, RecipeArguments, TrainingArguments), prog="cim-finetune"
+        (ModelArguments, DataArguments, RecipeArguments, RunArguments), prog="cim-finetune"
     )
-    pre = _pre_parse(argv, preset="tiny", output_dir=None, model_name_or_path=None)
+    pre = parse_known(argv, preset="tiny", output_dir=None, model_name_or_path=None)
     if pre.preset not in FINETUNE_PRESETS:
         parser.error(f"unknown preset {pre.preset!r}; choose one of {sorted(FINETUNE_PRESETS)}")
     output_dir = pre.output_dir
     if output_dir is None and pre.model_name_or_path:
         output_dir = default_output_dir(pre.model_name_or_path, "finetune")
     # The preset changes defaults, so every explicit flag still wins.
-    parser.set_defaults(output_dir=output_dir, remove_unused_columns=False, report_to="none",
-                        **FINETUNE_PRESETS[pre.preset])
-    return _parse(parser, argv)
+    parser.set_defaults(
+        output_dir=output_dir,
+        remove_unused_columns=False,
+        report_to="none",
+        **FINETUNE_PRESETS[pre.preset],
+    )
+    model_args, data_args, recipe, training_args = _parse(parser, argv)
+    explicit = _explicit(argv)
+    try:
+        _resolve_recipe(recipe, training_args, explicit)
+        training_args.learning_rate_source = resolve_learning_rate(
+            training_args, recipe.base_learning_rate, explicit
+        )
+        prepare_output_dir(training_args, training_args.overwrite_output_dir)
+    except ValueError as err:
+        parser.error(str(err))
+    return model_args, data_args, recipe, training_args
+
+
+def _explicit(argv: list[str]) -> set[str]:
+    """The flags given: on the command line, or every key of a JSON / YAML arguments file."""
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        import yaml  # a transformers dependency; reads JSON too
+
+        return set(yaml.safe_load(Path(argv[0]).read_text()) or {})
+    return explicit_flags(argv)
+
+
+def _resolve_recipe(recipe: RecipeArguments, args: RunArguments, explicit: set[str]) -> None:
+    """The Trainer's own flags for what the recipe also sets: ``--optim`` picks a transformers
+    optimizer over the recipe's layer-decay groups instead of the timm ``--optimizer``;
+    ``--label_smoothing_factor`` is the recipe's ``--label_smoothing``. Both of a pair at once is
+    refused."""
+    for ours, theirs in (("optimizer", "optim"), ("label_smoothing", "label_smoothing_factor")):
+        if ours in explicit and theirs in explicit:
+            raise ValueError(
+                f"Both --{ours} and --{theirs} were given; pass one (--{theirs} is the Trainer's "
+                f"name for what --{ours} sets)."
+            )
+    recipe.trainer_optimizer = "optim" in explicit
+    if "label_smoothing_factor" in explicit:
+        recipe.label_smoothing = args.label_smoothing_factor
+    args.label_smoothing_factor = 0.0  # the recipe's loss smooths; the Trainer's must not again
 
 
 def finetune_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     model_args, data_args, recipe, training_args = parse_finetune_args(argv)
-    if training_args.use_cpu or not torch.cuda.is_available():
-        torch.set_flush_denormal(True)  # AdamW's second moments underflow into slow denormals
+    logging.getLogger("cim_models").setLevel(training_args.get_process_log_level())
+    use_fast_cpu_math(training_args)
     try:
         trainer, data, source = build_finetune(model_args, data_args, recipe, training_args)
     except (OSError, ValueError, ImportError) as err:
@@ -316,18 +406,15 @@ def build_finetune(
     id2label = dict(enumerate(data.classes))
     model = load_classifier(source, data.num_classes, id2label, recipe.drop_path_rate)
     settings = image_settings(model, model_args.eval_crop_pct)
-    if recipe.base_learning_rate:
-        global_batch = _global_batch(training_args)
-        training_args.learning_rate = recipe.base_learning_rate * global_batch / 256
-        logger.info("learning_rate = %g (base %g per 256 images x global batch %d)",
-                    training_args.learning_rate, recipe.base_learning_rate, global_batch)
+    if training_args.process_index == 0:
+        logger.info("%s", getattr(training_args, "learning_rate_source", ""))
     mixup = create_mixup(recipe, data.num_classes)
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=FinetuneCollator(train_transform(recipe, settings), mixup),
+        data_collator=ClassificationCollator(train_transform(recipe, settings), mixup),
         eval_collator=_eval_collator(settings),
         recipe=recipe,
         compute_metrics=topk_metrics,
@@ -335,10 +422,6 @@ def build_finetune(
     )
     trainer.image_settings = settings
     return trainer, data, source
-
-
-def _global_batch(args: TrainingArguments) -> int:
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 def finetune_results(
@@ -354,23 +437,38 @@ def finetune_results(
     args = trainer.args
     schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     training = {
-        "learning_rate": args.learning_rate, "global_batch_size": _global_batch(args),
+        "learning_rate": args.learning_rate,
+        "global_batch_size": global_batch_size(args),
         "epochs": args.num_train_epochs if args.max_steps <= 0 else None,
         "max_steps": args.max_steps if args.max_steps > 0 else None,
-        "steps_done": trainer.state.global_step, "warmup_steps": args.warmup_steps,
-        "lr_schedule": schedule, "weight_decay": args.weight_decay,
-        "adam_betas": [args.adam_beta1, args.adam_beta2], "adam_epsilon": args.adam_epsilon,
-        "max_grad_norm": args.max_grad_norm, "seed": args.seed,
+        "steps_done": trainer.state.global_step,
+        "warmup_steps": args.warmup_steps,
+        "lr_schedule": schedule,
+        "weight_decay": args.weight_decay,
+        "adam_betas": [args.adam_beta1, args.adam_beta2],
+        "adam_epsilon": args.adam_epsilon,
+        "max_grad_norm": args.max_grad_norm,
+        "seed": args.seed,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
     }
-    record = {**asdict(recipe), **{k: v for k, v in training.items() if v is not None},
-              "drop_path_rate": trainer.model.config.drop_path_rate,
-              **_transform_record(trainer.image_settings)}
+    record = {
+        **asdict(recipe),
+        **{k: v for k, v in training.items() if v is not None},
+        "drop_path_rate": trainer.model.config.drop_path_rate,
+        **_transform_record(trainer.image_settings),
+    }
     protocol = f"fine-tuning ({recipe.preset} recipe, {trainer.state.global_step} steps)"
     return build_results(
-        "finetune", protocol, model_args.model_name_or_path, source.description, data.description,
-        {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}, record,
-        len(data.train), len(data.validation), seconds,
+        "finetune",
+        protocol,
+        model_args.model_name_or_path,
+        source.description,
+        data.description,
+        {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]},
+        record,
+        len(data.train),
+        len(data.validation),
+        seconds,
     )
 
 

@@ -1,15 +1,14 @@
 """The labelled train and validation splits every evaluation command reads.
 
-An image folder with class sub-folders (``--train_dir``/``--validation_dir``), a Hugging Face
-dataset (``--dataset_name``, needs ``datasets``), or, with neither, the built-in synthetic shapes
-(train seed 0, validation seed 1, drawn at the backbone's input size). Items are
-``{"image", "label"}``; the transforms run in the collators.
+The data flags of ``cim_models.data`` (image folders with class sub-folders, a Hugging Face dataset,
+or the built-in synthetic shapes drawn at the backbone's input size), plus subsets and the name the
+results carry. Items are ``{"image", "label"}``; the transforms run in the collators.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,39 +16,35 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..training.data import HFImageDataset, ImageFolderDataset, SyntheticShapes, load_hf_dataset
+from ..data import (
+    SYNTHETIC_TRAIN_SEED,
+    SYNTHETIC_VALIDATION_SEED,
+    HFImageDataset,
+    argument,
+    data_source,
+    load_split,
+)
+from ..data import DataArguments as _DataArguments
 
 SYNTHETIC_NAME = "synthetic-shapes"
-SYNTHETIC_TRAIN_SEED, SYNTHETIC_VALIDATION_SEED = 0, 1
 _SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "eval"}
 
 
-def _arg(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class DataArguments:
+class DataArguments(_DataArguments):
     """Labelled data: image folders, a Hugging Face dataset, or the built-in synthetic shapes."""
 
-    train_dir: str | None = _arg(None, "Training images in class sub-folders.")
-    validation_dir: str | None = _arg(None, "Validation images, the same class sub-folders.")
-    dataset_name: str | None = _arg(None, "Hugging Face dataset name or path (needs `datasets`).")
-    dataset_config_name: str | None = _arg(None, "Its configuration name.")
-    train_split: str = _arg("train", "Split to train on (kNN bank, probe, fine-tuning).")
-    validation_split: str = _arg("validation", "Split the metrics are measured on.")
-    image_column_name: str | None = _arg(None, "Image column (default: image/img).")
-    label_column_name: str | None = _arg(None, "Label column (default: label/labels).")
-    synthetic_train_samples: int = _arg(3000, "Built-in data: training images.")
-    synthetic_eval_samples: int = _arg(1000, "Built-in data: validation images.")
-    max_train_samples: int | None = _arg(None, "Use a random subset of this many training images.")
-    max_eval_samples: int | None = _arg(None, "Use a random subset of this many validation images.")
-    dataset_label: str | None = _arg(
+    max_train_samples: int | None = argument(
+        None, "Use a random subset of this many training images."
+    )
+    max_eval_samples: int | None = argument(
+        None, "Use a random subset of this many validation images."
+    )
+    dataset_label: str | None = argument(
         None,
         "The data set's name in results and model cards, e.g. imagenet-1k (default: "
         "--dataset_name, the folders' name, or synthetic-shapes).",
     )
-    strict_data: bool = _arg(False, "Stop at an unreadable image instead of skipping it.")
 
 
 @dataclass
@@ -66,21 +61,29 @@ class LabelledData:
     @property
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the images (for the feature cache)."""
-        return {**self.description, "train_set": _describe(self.train),
-                "validation_set": _describe(self.validation)}
+        return {
+            **self.description,
+            "train_set": _describe(self.train),
+            "validation_set": _describe(self.validation),
+        }
 
 
 def load_labelled_data(args: DataArguments, image_size: int) -> LabelledData:
     """The train and validation splits named by ``args``; raises with what to pass when one is
     missing or unlabelled."""
-    if args.train_dir or args.validation_dir:
-        if not (args.train_dir and args.validation_dir):
-            raise ValueError(
-                "Image folders need both --train_dir and --validation_dir (class sub-folders in "
-                f"each); got train_dir={args.train_dir!r}, validation_dir={args.validation_dir!r}."
-            )
-        train = ImageFolderDataset(args.train_dir, strict=args.strict_data)
-        validation = ImageFolderDataset(args.validation_dir, strict=args.strict_data)
+    source = data_source(args)
+    if source == "folder" and not (args.train_dir and args.validation_dir):
+        raise ValueError(
+            "Image folders need both --train_dir and --validation_dir (class sub-folders in "
+            f"each); got train_dir={args.train_dir!r}, validation_dir={args.validation_dir!r}."
+        )
+    if source == "hf" and not args.validation_split:
+        raise ValueError(
+            f"--validation_split is empty; name the split of {args.dataset_name} to measure on."
+        )
+    train = load_split(args, "train", image_size)
+    validation = load_split(args, "validation", image_size)
+    if source == "folder":
         for name, dataset in (("--train_dir", train), ("--validation_dir", validation)):
             if not dataset.labeled:
                 raise ValueError(
@@ -98,11 +101,7 @@ def load_labelled_data(args: DataArguments, image_size: int) -> LabelledData:
         classes = list(train.classes)
         source, name = str(Path(args.validation_dir).resolve()), _folder_name(args.validation_dir)
         train_split, split = str(args.train_dir), str(args.validation_dir)
-    elif args.dataset_name:
-        hf = dict(config_name=args.dataset_config_name, image_column=args.image_column_name,
-                  label_column=args.label_column_name)
-        train = load_hf_dataset(args.dataset_name, split=args.train_split, **hf)
-        validation = load_hf_dataset(args.dataset_name, split=args.validation_split, **hf)
+    elif source == "hf":
         for split_name, dataset in ((args.train_split, train), (args.validation_split, validation)):
             if dataset.label_column is None:
                 raise ValueError(
@@ -113,15 +112,11 @@ def load_labelled_data(args: DataArguments, image_size: int) -> LabelledData:
         source, name = args.dataset_name, args.dataset_name
         train_split, split = args.train_split, args.validation_split
     else:
-        train = SyntheticShapes(
-            args.synthetic_train_samples, image_size=image_size, seed=SYNTHETIC_TRAIN_SEED
-        )
-        validation = SyntheticShapes(
-            args.synthetic_eval_samples, image_size=image_size, seed=SYNTHETIC_VALIDATION_SEED
-        )
         classes = list(train.classes)
-        source = (f"built-in SyntheticShapes, {image_size} px, train seed {SYNTHETIC_TRAIN_SEED}, "
-                  f"validation seed {SYNTHETIC_VALIDATION_SEED}")
+        source = (
+            f"built-in SyntheticShapes, {image_size} px, train seed {SYNTHETIC_TRAIN_SEED}, "
+            f"validation seed {SYNTHETIC_VALIDATION_SEED}"
+        )
         name, train_split, split = SYNTHETIC_NAME, "train", "validation"
 
     train = _subset(train, args.max_train_samples, seed=0)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+import torch.nn.functional as F
+from accelerate.utils import send_to_device
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -25,25 +28,33 @@ CACHE_FILE = "features.safetensors"
 
 
 @torch.no_grad()
-def pooled_features(
-    enhancer: nn.Module,
-    loader: DataLoader,
-    device: torch.device | str,
+def extract_features(
+    backbone: nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    device: torch.device | str | None = None,
+    normalize: bool = False,
     desc: str = "features",
-    disable_tqdm: bool = False,
+    disable_tqdm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw pooled features (N, D) in float32 and labels (N,) of every batch of ``loader``.
+    """Pooled features (N, D) in float32 on the CPU and labels (N,) of every batch of ``loader``.
 
-    ``enhancer(pixel_values)`` is timm's pooled pre-logits feature (it has ``num_classes=0``).
-    Unlike ``cim_models.knn.extract_features`` the features are not L2-normalised: the linear
-    probe standardises them with its BatchNorm, the kNN classifier normalises them itself.
+    ``backbone(pixel_values)`` is timm's pooled pre-logits feature (it has ``num_classes=0``).
+    ``normalize`` L2-normalises each feature (what the kNN classifier compares); the linear probe
+    takes them raw and standardises them with its BatchNorm. The backbone runs in eval mode and
+    gets its training mode back afterwards.
     """
-    enhancer.eval()
+    device = device or next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
     features, labels = [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=disable_tqdm):
-        output = enhancer(batch["pixel_values"].to(device, non_blocking=True))
-        features.append(output.float().flatten(1).cpu())  # (B, D)
-        labels.append(batch["labels"])
+    try:
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=disable_tqdm):
+            batch = send_to_device(batch, device, non_blocking=True)
+            output = backbone(batch["pixel_values"]).float().flatten(1)  # (B, D)
+            features.append((F.normalize(output, dim=1) if normalize else output).cpu())
+            labels.append(batch["labels"].cpu())
+    finally:
+        backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
 
 
@@ -72,11 +83,17 @@ def cached_features(
     result = {}
     for split, dataset in datasets.items():
         loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, collate_fn=collator,
-            num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=collator,
+            num_workers=num_workers,
+            pin_memory=torch.device(device).type == "cuda",
         )
         desc = f"{split} features"
-        result[split] = pooled_features(enhancer, loader, device, desc, disable_tqdm)
+        result[split] = extract_features(
+            enhancer, loader, device, desc=desc, disable_tqdm=disable_tqdm
+        )
     if use_cache:
         tensors = {}
         for split, (features, labels) in result.items():
@@ -100,6 +117,6 @@ def _read(
             if not all(f"{s}.features" in names and f"{s}.labels" in names for s in splits):
                 return None
             return {s: (f.get_tensor(f"{s}.features"), f.get_tensor(f"{s}.labels")) for s in splits}
-    except Exception as err:  # a damaged or partial file: recompute rather than fail
+    except (OSError, ValueError, SafetensorError) as err:  # damaged or partial: recompute
         logger.warning("Ignoring unreadable feature cache %s (%s)", path, err)
         return None

@@ -9,21 +9,20 @@ loss on soft targets and uses the evaluation transform for evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.data import Mixup, create_transform
-from timm.data.mixup import mixup_target
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from torch import nn
-from torch.utils.data import default_collate
-from transformers import EvalPrediction, Trainer
+from transformers import Trainer
 
+from ..data import argument
 from .backbone import ImageSettings
 
 # ``cim-finetune --preset``: new defaults for the recipe flags below and for TrainingArguments; any
@@ -31,8 +30,14 @@ from .backbone import ImageSettings
 # linearly with the global batch; at the global batch named in each comment they equal the source's
 # peak rate.
 _GPU_RUN = dict(
-    bf16=True, eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, logging_steps=50,
-    per_device_eval_batch_size=256, dataloader_num_workers=10, dataloader_persistent_workers=True,
+    bf16=True,
+    eval_strategy="epoch",
+    save_strategy="epoch",
+    save_total_limit=2,
+    logging_steps=50,
+    per_device_eval_batch_size=256,
+    dataloader_num_workers=10,
+    dataloader_persistent_workers=True,
     max_grad_norm=0.0,  # BEiT and RSB fine-tune without gradient clipping
 )
 # BEiT (Bao et al. 2022) ImageNet-1K fine-tuning of ViT-B/16, the recipe CIM follows (paper,
@@ -42,11 +47,25 @@ _GPU_RUN = dict(
 # erasing 0.25 (pixel mode), bicubic training crops. (BEiT decays to min_lr 1e-6, the Trainer's
 # cosine to 0: a negligible difference.)
 _BEIT = dict(
-    num_train_epochs=100, per_device_train_batch_size=128, base_learning_rate=4e-3 * 256 / 1024,
-    layer_decay=0.65, weight_decay=0.05, drop_path_rate=0.1, warmup_steps=20 / 100,
-    lr_scheduler_type="cosine", optimizer="adamw", adam_beta1=0.9, adam_beta2=0.999,
-    adam_epsilon=1e-8, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
-    auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, loss="ce", **_GPU_RUN,
+    num_train_epochs=100,
+    per_device_train_batch_size=128,
+    base_learning_rate=4e-3 * 256 / 1024,
+    layer_decay=0.65,
+    weight_decay=0.05,
+    drop_path_rate=0.1,
+    warmup_steps=20 / 100,
+    lr_scheduler_type="cosine",
+    optimizer="adamw",
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    adam_epsilon=1e-8,
+    mixup=0.8,
+    cutmix=1.0,
+    label_smoothing=0.1,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    reprob=0.25,
+    loss="ce",
+    **_GPU_RUN,
 )
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     "vit_base": _BEIT,
@@ -61,11 +80,25 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     # needs its own distributed sampler. No layer decay (RSB trains from scratch); --layer_decay
     # works for ResNets too (stem, then one layer per residual block).
     "resnet50": dict(
-        num_train_epochs=300, per_device_train_batch_size=256, base_learning_rate=5e-3 * 256 / 2048,
-        layer_decay=1.0, weight_decay=0.02, drop_path_rate=0.05, warmup_steps=5 / 300,
-        lr_scheduler_type="cosine", optimizer="lamb", adam_beta1=0.9, adam_beta2=0.999,
-        adam_epsilon=1e-6, mixup=0.1, cutmix=1.0, label_smoothing=0.0,
-        auto_augment="rand-m7-mstd0.5-inc1", reprob=0.0, loss="bce", bce_target_threshold=0.2,
+        num_train_epochs=300,
+        per_device_train_batch_size=256,
+        base_learning_rate=5e-3 * 256 / 2048,
+        layer_decay=1.0,
+        weight_decay=0.02,
+        drop_path_rate=0.05,
+        warmup_steps=5 / 300,
+        lr_scheduler_type="cosine",
+        optimizer="lamb",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-6,
+        mixup=0.1,
+        cutmix=1.0,
+        label_smoothing=0.0,
+        auto_augment="rand-m7-mstd0.5-inc1",
+        reprob=0.0,
+        loss="bce",
+        bce_target_threshold=0.2,
         **_GPU_RUN,
     ),
     # A CPU run of a few minutes on the built-in 64 px shapes [ours]: the BEiT recipe's structure
@@ -75,54 +108,71 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     # images at 5e-3 per 256: 48% top-1 from the tiny cim-pretrain run (probe 27%); on a 500-step
     # run 49%, against 40% at 2e-3 and 29% after 3 epochs.
     "tiny": dict(
-        num_train_epochs=10, per_device_train_batch_size=64, base_learning_rate=5e-3,
-        layer_decay=0.75, weight_decay=0.05, drop_path_rate=0.1, warmup_steps=0.1,
-        lr_scheduler_type="cosine", optimizer="adamw", adam_beta1=0.9, adam_beta2=0.999,
-        mixup=0.0, cutmix=0.0, label_smoothing=0.1, auto_augment=None, color_jitter=0.0,
-        reprob=0.0, min_crop_scale=0.35, loss="ce", max_grad_norm=0.0, eval_strategy="no",
-        save_strategy="no", logging_steps=10, per_device_eval_batch_size=256,
+        num_train_epochs=10,
+        per_device_train_batch_size=64,
+        base_learning_rate=5e-3,
+        layer_decay=0.75,
+        weight_decay=0.05,
+        drop_path_rate=0.1,
+        warmup_steps=0.1,
+        lr_scheduler_type="cosine",
+        optimizer="adamw",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        mixup=0.0,
+        cutmix=0.0,
+        label_smoothing=0.1,
+        auto_augment=None,
+        color_jitter=0.0,
+        reprob=0.0,
+        min_crop_scale=0.35,
+        loss="ce",
+        max_grad_norm=0.0,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10,
+        per_device_eval_batch_size=256,
         dataloader_num_workers=0,
     ),
 }
-
-
-def _arg(default: Any, help: str, **metadata: Any) -> Any:
-    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class RecipeArguments:
     """The fine-tuning recipe (defaults come from --preset; TrainingArguments hold the schedule)."""
 
-    preset: str = _arg(
+    preset: str = argument(
         "tiny", f"One of {sorted(FINETUNE_PRESETS)}.", choices=sorted(FINETUNE_PRESETS)
     )
-    base_learning_rate: float | None = _arg(
+    base_learning_rate: float | None = argument(
         None, "Peak learning rate per 256 images; learning_rate = this x global batch / 256."
     )
-    optimizer: str = _arg("adamw", "timm optimizer name (adamw, lamb, sgd, ...).")
-    layer_decay: float = _arg(
+    optimizer: str = argument("adamw", "timm optimizer name (adamw, lamb, sgd, ...).")
+    layer_decay: float = argument(
         1.0, "Layer-wise lr decay: layer l of L gets lr x decay^(L - l); 1 = off."
     )
-    drop_path_rate: float | None = _arg(None, "Stochastic depth of the backbone.")
-    min_crop_scale: float = _arg(0.08, "Smallest RandomResizedCrop area fraction.")
-    auto_augment: str | None = _arg(
+    drop_path_rate: float | None = argument(None, "Stochastic depth of the backbone.")
+    min_crop_scale: float = argument(0.08, "Smallest RandomResizedCrop area fraction.")
+    auto_augment: str | None = argument(
         None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1; none = off."
     )
-    color_jitter: float = _arg(0.4, "Colour jitter (timm ignores it with auto_augment).")
-    reprob: float = _arg(0.0, "Random erasing probability (pixel mode).")
-    mixup: float = _arg(0.0, "Mixup alpha; 0 = off.")
-    cutmix: float = _arg(0.0, "CutMix alpha; 0 = off.")
-    mixup_prob: float = _arg(1.0, "Probability of mixing a batch.")
-    mixup_switch_prob: float = _arg(0.5, "Probability of cutmix instead of mixup.")
-    label_smoothing: float = _arg(0.1, "Label smoothing.")
-    loss: str = _arg(
+    color_jitter: float = argument(0.4, "Colour jitter (timm ignores it with auto_augment).")
+    reprob: float = argument(0.0, "Random erasing probability (pixel mode).")
+    mixup: float = argument(0.0, "Mixup alpha; 0 = off.")
+    cutmix: float = argument(0.0, "CutMix alpha; 0 = off.")
+    mixup_prob: float = argument(1.0, "Probability of mixing a batch.")
+    mixup_switch_prob: float = argument(0.5, "Probability of cutmix instead of mixup.")
+    label_smoothing: float = argument(0.1, "Label smoothing.")
+    loss: str = argument(
         "ce", "ce (cross-entropy) or bce (binary cross-entropy, RSB).", choices=["ce", "bce"]
     )
-    bce_target_threshold: float | None = _arg(
+    bce_target_threshold: float | None = argument(
         None, "With --loss bce: targets above it become 1 (RSB: 0.2)."
     )
-    train_interpolation: str = _arg("bicubic", "Interpolation of training crops.")
+    train_interpolation: str = argument("bicubic", "Interpolation of training crops.")
+    trainer_optimizer: bool = argument(
+        False, "Use the Trainer's --optim instead of --optimizer (set when --optim is given)."
+    )
 
     @property
     def mixup_active(self) -> bool:
@@ -163,8 +213,9 @@ def layer_decay_param_groups(
     head = [p for p in head if p.requires_grad]
     for decay in (True, False):
         params = [p for p in head if (p.ndim > 1) == decay]
-        groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
-                       "lr_scale": 1.0})
+        groups.append(
+            {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": 1.0}
+        )
     groups = [g for g in groups if g["params"]]
     for group in groups:
         group["lr"] = learning_rate * group["lr_scale"]
@@ -173,9 +224,14 @@ def layer_decay_param_groups(
 
 def create_optimizer(model: nn.Module, recipe: RecipeArguments, args) -> torch.optim.Optimizer:
     """timm's optimizer ``recipe.optimizer`` over :func:`layer_decay_param_groups`; betas and eps
-    from the TrainingArguments for the Adam family and LAMB."""
+    from the TrainingArguments for the Adam family and LAMB. With ``recipe.trainer_optimizer``
+    (``cim-finetune --optim``) the Trainer's ``--optim`` choice runs over the same groups."""
     lr, weight_decay = args.learning_rate, args.weight_decay
     groups = layer_decay_param_groups(model, lr, weight_decay, recipe.layer_decay)
+    if recipe.trainer_optimizer:
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        optimizer_kwargs.pop("lr", None)  # every group carries its own
+        return optimizer_cls(groups, lr=lr, **optimizer_kwargs)
     kwargs = {}
     if any(name in recipe.optimizer.lower() for name in ("adam", "lamb")):
         kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
@@ -213,36 +269,14 @@ def create_mixup(recipe: RecipeArguments, num_classes: int) -> Mixup | None:
     if not recipe.mixup_active:
         return None
     return Mixup(
-        mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
-        switch_prob=recipe.mixup_switch_prob, mode="batch", label_smoothing=recipe.label_smoothing,
+        mixup_alpha=recipe.mixup,
+        cutmix_alpha=recipe.cutmix,
+        prob=recipe.mixup_prob,
+        switch_prob=recipe.mixup_switch_prob,
+        mode="batch",
+        label_smoothing=recipe.label_smoothing,
         num_classes=num_classes,
     )
-
-
-class FinetuneCollator:
-    """``{"image", "label"}`` items -> ``pixel_values`` (B, 3, S, S) and ``labels``: (B,) class
-    ids, or (B, C) soft targets when ``mixup`` is given (mixed pairs, smoothed)."""
-
-    def __init__(
-        self, transform: Callable[[Image.Image], torch.Tensor], mixup: Mixup | None = None
-    ):
-        self.transform = transform
-        self.mixup = mixup
-
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if any("label" not in example for example in examples):
-            raise ValueError(
-                "Fine-tuning needs labelled images; an item without 'label' reached the collator."
-            )
-        pixel_values = default_collate([self.transform(example["image"]) for example in examples])
-        labels = torch.tensor([example["label"] for example in examples], dtype=torch.long)
-        if self.mixup is not None:
-            if len(labels) % 2 == 0:
-                pixel_values, labels = self.mixup(pixel_values, labels)  # (B, C) soft targets
-            else:  # timm's Mixup mixes pairs: an odd (last) batch keeps its images, smoothed
-                mixup = self.mixup
-                labels = mixup_target(labels, mixup.num_classes, 1.0, mixup.label_smoothing)
-        return {"pixel_values": pixel_values, "labels": labels}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,18 +294,6 @@ def train_loss(recipe: RecipeArguments) -> nn.Module:
     if recipe.label_smoothing > 0:
         return LabelSmoothingCrossEntropy(recipe.label_smoothing)
     return nn.CrossEntropyLoss()
-
-
-def topk_predictions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The 5 best classes (B, 5) instead of the logits (B, C): what evaluation keeps per image."""
-    return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-
-
-def topk_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """``top1`` and ``top5`` accuracies (fractions) from :func:`topk_predictions`' output."""
-    ranked, labels = torch.as_tensor(prediction.predictions), torch.as_tensor(prediction.label_ids)
-    hits = ranked == labels.view(-1, 1)
-    return {f"top{k}": hits[:, :k].any(1).float().mean().item() for k in (1, 5)}
 
 
 class FinetuneTrainer(Trainer):

@@ -18,20 +18,34 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .metrics import topk_accuracy
+
 # Recipes for ``cim-eval linear --preset``; every value can be overridden by its flag.
 LINEAR_PROBE_PRESETS: dict[str, dict] = {
     # MAE (He et al. 2022), appendix A.2, ImageNet linear probing: LARS, base lr 0.1 per 256 images
     # at batch 16384 (lr 6.4), no weight decay, 90 epochs with 10 of warm-up, cosine decay.
-    "mae": dict(optimizer="lars", base_learning_rate=0.1, train_batch_size=16384, epochs=90,
-                warmup_epochs=10, weight_decay=0.0),
+    "mae": dict(
+        optimizer="lars",
+        base_learning_rate=0.1,
+        train_batch_size=16384,
+        epochs=90,
+        warmup_epochs=10,
+        weight_decay=0.0,
+    ),
     # Small data sets on a CPU [ours]: at a few thousand images a batch of 16384 is one step per
     # epoch and LARS' trust ratio (0.001 x |w| / |g|) barely moves a freshly initialised head in 90
     # steps, so plain momentum SGD (LARS without the trust ratio) at lr 1.0 per 256 images on the
     # standardised features, batch 256, 100 epochs (milliseconds each on cached features), warm-up
     # 10, no weight decay. On features of a 500-step tiny cim-pretrain run it fits better than
     # AdamW at 1e-3 (30% vs 23% top-1).
-    "tiny": dict(optimizer="momentum", base_learning_rate=1.0, train_batch_size=256, epochs=100,
-                 warmup_epochs=10, weight_decay=0.0),
+    "tiny": dict(
+        optimizer="momentum",
+        base_learning_rate=1.0,
+        train_batch_size=256,
+        epochs=100,
+        warmup_epochs=10,
+        weight_decay=0.0,
+    ),
 }
 
 
@@ -114,16 +128,6 @@ def train_linear_probe(
 
 
 @torch.no_grad()
-def topk_accuracy(
-    logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)
-) -> dict[str, float]:
-    """``{"top1": fraction, "top5": fraction}`` of ``logits`` (N, C) against ``labels`` (N,)."""
-    ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices  # (N, maxk)
-    hits = ranked == labels.unsqueeze(1)
-    return {f"top{k}": hits[:, :k].any(1).float().mean().item() for k in topk}
-
-
-@torch.no_grad()
 def evaluate_probe(
     probe: LinearProbe, features: torch.Tensor, labels: torch.Tensor, batch_size: int = 65536
 ) -> dict[str, float]:
@@ -131,4 +135,4 @@ def evaluate_probe(
     device = next(probe.parameters()).device
     chunks = [features[i : i + batch_size].to(device) for i in range(0, len(features), batch_size)]
     logits = torch.cat([probe(chunk).cpu() for chunk in chunks])  # (N, C)
-    return topk_accuracy(logits, labels)
+    return {f"top{k}": value for k, value in topk_accuracy(logits, labels).items()}

@@ -22,7 +22,7 @@ One JSON object per run (``knn_results.json``, ``linear_probe_results.json``,
 }
 ```
 
-``card_results`` turns one such file into rows of ``conversion/export_checkpoint.py --card-data``'s
+``card_results`` turns one such file into rows of ``cim-export --card-data``'s
 ``results`` list, value for value.
 """
 

@@ -1,140 +1,214 @@
 """``cim-pretrain``: CIM pre-training from the command line.
 
 Every `TrainingArguments` flag works; model and data flags are grouped below them in ``--help``.
-``--preset`` picks a configuration (``tiny`` by default: a CPU run of minutes on built-in data).
+``--preset`` picks a configuration; without one the run is ``tiny`` (a CPU run of minutes on the
+built-in data), and the user's own data needs a preset named explicitly.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..configuration_cim import CIMConfig
+from ..data import (
+    CIMDataCollator,
+    ClassificationCollator,
+    SeededDataset,
+    TwoViewTransform,
+    argument,
+    create_eval_transform,
+    load_split,
+)
+from ..data import DataArguments as _DataArguments
 from ..masking import BlockMaskingGenerator
 from ..pretraining import CIMForPreTraining
-from .callbacks import ImageGridCallback
-from .data import (
-    ClassificationCollator,
-    CIMDataCollator,
-    EvalTransform,
-    ImageFolderDataset,
-    SeededDataset,
-    SyntheticShapes,
-    TwoViewTransform,
-    load_hf_dataset,
+from .arguments import (
+    explicit_flags,
+    find_last_checkpoint,
+    parse_known,
+    prepare_output_dir,
+    resolve_learning_rate,
+    use_fast_cpu_math,
 )
-from .presets import PRESETS
+from .callbacks import ImageGridCallback
+from .presets import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS
 from .trainer import CIMTrainer, CIMTrainingArguments, NonFiniteLossError
 
 logger = logging.getLogger("cim_models.pretrain")
+
+TOKENIZERS = ["dall-e", "palette", "codebook"]
 
 
 @dataclass
 class ModelArguments:
     """What to pre-train (defaults marked None come from the preset, then from CIMConfig)."""
 
-    preset: str = field(default="tiny", metadata={"help": f"One of {sorted(PRESETS)}.", "choices": sorted(PRESETS)})
-    objective: str | None = field(default=None, metadata={"help": "respix or revdet.", "choices": ["respix", "revdet"]})
-    enhancer: str | None = field(default=None, metadata={"help": "timm name of the enhancer (any timm backbone)."})
-    enhancer_kwargs: str | None = field(default=None, metadata={"help": 'JSON of extra timm kwargs, e.g. \'{"depth": 6}\'.'})
-    image_size: int | None = field(default=None, metadata={"help": "Input size of enhancer and generator."})
-    patch_size: int | None = field(default=None, metadata={"help": "Stride of the visual-token grid."})
-    num_mask_patches: int | None = field(default=None, metadata={"help": "Masked patches per image."})
-    generator_hidden_size: int | None = field(default=None, metadata={"help": "Generator width."})
-    generator_num_hidden_layers: int | None = field(default=None, metadata={"help": "Generator depth."})
-    tokenizer: str | None = field(default=None, metadata={"help": "dall-e or palette.", "choices": ["dall-e", "palette"]})
-    tokenizer_weights: str | None = field(
-        default=None, metadata={"help": "Folder or Hub repo with the converted DALL-E weights (convert_dall_e.py)."}
+    preset: str | None = argument(
+        None,
+        f"One of {sorted(PRESETS)} (default: {DEFAULT_PRESET} on the built-in data; your own "
+        "data needs one named).",
+        choices=sorted(PRESETS),
     )
-    sampling_temperature: float | None = field(default=None, metadata={"help": "Temperature of the generator's samples."})
-    window_size: int | None = field(default=None, metadata={"help": "ResPix sliding-window size."})
-    enhancer_loss_weight: float | None = field(default=None, metadata={"help": "lambda in L_gen + lambda * L_enh."})
-    drop_path_rate: float | None = field(default=None, metadata={"help": "Enhancer stochastic depth."})
+    model_name_or_path: str | None = argument(
+        None,
+        "Start from weights: a cim-pretrain run or checkpoint folder continues pre-training "
+        "(generator and enhancer); a timm name or Hub id with pretrained weights (e.g. "
+        "timm/vit_small_patch16_224.augreg_in1k) starts the enhancer from them.",
+    )
+    objective: str | None = argument(None, "respix or revdet.", choices=["respix", "revdet"])
+    enhancer: str | None = argument(None, "timm name of the enhancer (any timm backbone).")
+    enhancer_kwargs: str | None = argument(
+        None, "JSON of extra timm kwargs, e.g. '{\"depth\": 6}'."
+    )
+    image_size: int | None = argument(None, "Input size of enhancer and generator.")
+    patch_size: int | None = argument(None, "Stride of the visual-token grid.")
+    num_mask_patches: int | None = argument(None, "Masked patches per image.")
+    generator_hidden_size: int | None = argument(None, "Generator width.")
+    generator_num_hidden_layers: int | None = argument(None, "Generator depth.")
+    tokenizer: str | None = argument(None, " or ".join(TOKENIZERS) + ".", choices=TOKENIZERS)
+    tokenizer_weights: str | None = argument(
+        None, "Folder or Hub repo with the tokenizer's weights (cim-convert-dall-e writes them)."
+    )
+    tokenizer_fit_samples: int = argument(
+        4096, "Codebook tokenizer: training images it is fitted on before pre-training."
+    )
+    sampling_temperature: float | None = argument(None, "Temperature of the generator's samples.")
+    window_size: int | None = argument(None, "ResPix sliding-window size.")
+    enhancer_loss_weight: float | None = argument(None, "lambda in L_gen + lambda * L_enh.")
+    drop_path_rate: float | None = argument(None, "Enhancer stochastic depth.")
+
+
+# Flags of ModelArguments that are not CIMConfig fields.
+_NOT_CONFIG = {"preset", "model_name_or_path", "tokenizer_fit_samples"}
 
 
 @dataclass
-class DataArguments:
-    """Where the images come from: a folder, a Hugging Face dataset, or the built-in synthetic shapes."""
+class DataArguments(_DataArguments):
+    """Where the images come from: a folder, a Hugging Face dataset, or the built-in synthetic
+    shapes; a labelled validation set turns on the kNN monitor."""
 
-    train_dir: str | None = field(default=None, metadata={"help": "Image folder (recursive; class sub-folders = labels)."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Labelled image folder for the kNN monitor."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hugging Face dataset name or path (needs `datasets`)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
-    train_split: str = field(default="train", metadata={"help": "Split to pre-train on."})
-    validation_split: str | None = field(default=None, metadata={"help": "Split for the kNN monitor."})
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column (default: image/img)."})
-    label_column_name: str | None = field(default=None, metadata={"help": "Label column (default: label/labels)."})
-    synthetic_train_samples: int = field(default=3000, metadata={"help": "Built-in data: training images."})
-    synthetic_eval_samples: int = field(default=1000, metadata={"help": "Built-in data: kNN query images."})
-    knn_bank_samples: int = field(default=5000, metadata={"help": "Training images in the kNN monitor's bank."})
-    min_crop_scale: float = field(default=0.08, metadata={"help": "Smallest RandomResizedCrop area fraction."})
-    strict_data: bool = field(default=False, metadata={"help": "Stop at an unreadable image instead of skipping it."})
+    validation_split: str | None = argument(None, "Split for the kNN monitor.")
+    knn_bank_samples: int = argument(5000, "Training images in the kNN monitor's bank.")
+    min_crop_scale: float = argument(0.08, "Smallest RandomResizedCrop area fraction.")
 
 
-def _explicit_preset(argv: list[str]) -> str:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="tiny")
-    return pre.parse_known_args(argv)[0].preset
+def _refuse_user_data_without_preset(parser: HfArgumentParser, argv: list[str]) -> None:
+    given = parse_known(argv, train_dir=None, validation_dir=None, dataset_name=None, preset=None)
+    if given.preset is None and (given.train_dir or given.validation_dir or given.dataset_name):
+        presets = "\n".join(f"  {name:10s} {PRESET_DESCRIPTIONS[name]}" for name in PRESETS)
+        parser.error(
+            "your own images need a preset that fits them; pass --preset with one of\n"
+            f"{presets}\n(the default, {DEFAULT_PRESET}, is meant for the built-in data only)."
+        )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CIMTrainingArguments]:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, CIMTrainingArguments]:
+    """The three argument groups, with the preset's defaults, the learning rate and the
+    checkpoint to resume from resolved."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, CIMTrainingArguments))
-    preset = _explicit_preset(argv)
+    _refuse_user_data_without_preset(parser, argv)
+    preset = parse_known(argv, preset=None).preset or DEFAULT_PRESET
     if preset not in PRESETS:
         parser.error(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     # The preset changes defaults, so every explicit flag still wins.
-    parser.set_defaults(output_dir=f"cim-pretrain-{preset}", remove_unused_columns=False, report_to="none",
-                        **PRESETS[preset])
+    parser.set_defaults(
+        output_dir=f"cim-pretrain-{preset}",
+        remove_unused_columns=False,
+        report_to="none",
+        **PRESETS[preset],
+    )
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if training_args.resume_from_checkpoint == "last":
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            parser.error(f"--resume_from_checkpoint last: no checkpoint-* folder in {training_args.output_dir}")
-        training_args.resume_from_checkpoint = last
+    model_args.preset = preset
+    try:
+        training_args.learning_rate_source = resolve_learning_rate(
+            training_args, training_args.base_learning_rate, explicit_flags(argv)
+        )
+        prepare_output_dir(training_args, training_args.overwrite_output_dir)
+    except ValueError as err:
+        parser.error(str(err))
     return model_args, data_args, training_args
 
 
 def build_config(model_args: ModelArguments) -> CIMConfig:
-    values = {k: v for k, v in asdict(model_args).items() if v is not None and k != "preset"}
+    values = {k: v for k, v in asdict(model_args).items() if v is not None and k not in _NOT_CONFIG}
     if "enhancer_kwargs" in values:
         try:
             values["enhancer_kwargs"] = json.loads(values["enhancer_kwargs"])
         except json.JSONDecodeError as err:
-            raise ValueError(f"--enhancer_kwargs must be JSON, got {model_args.enhancer_kwargs!r}: {err}") from err
+            raise ValueError(
+                f"--enhancer_kwargs must be JSON, got {model_args.enhancer_kwargs!r}: {err}"
+            ) from err
     if values.get("tokenizer", "dall-e") == "dall-e" and not values.get("tokenizer_weights"):
         raise SystemExit(
             "cim-pretrain: the DALL-E tokenizer needs weights. Convert OpenAI's files once with\n"
-            "  python conversion/convert_dall_e.py --encoder encoder.pkl --decoder decoder.pkl --out dall-e/\n"
+            "  cim-convert-dall-e --encoder encoder.pkl --decoder decoder.pkl --out dall-e/\n"
             "and pass --tokenizer_weights dall-e/ (or a Hub repo id holding the converted files),\n"
-            "or use the weightless stand-in: --tokenizer palette."
+            "or use a weightless tokenizer: --tokenizer palette (or codebook)."
         )
     return CIMConfig(**values)
 
 
-def load_datasets(data_args: DataArguments, image_size: int, seed: int):
-    """(train, labelled evaluation or None, kNN bank or None) as datasets of {"image", ["label"]}."""
-    if data_args.train_dir:
-        train = ImageFolderDataset(data_args.train_dir, strict=data_args.strict_data)
-        evaluation = ImageFolderDataset(data_args.validation_dir, strict=data_args.strict_data) if data_args.validation_dir else None
-    elif data_args.dataset_name:
-        hf = dict(config_name=data_args.dataset_config_name, image_column=data_args.image_column_name,
-                  label_column=data_args.label_column_name)
-        train = load_hf_dataset(data_args.dataset_name, split=data_args.train_split, **hf)
-        evaluation = (load_hf_dataset(data_args.dataset_name, split=data_args.validation_split, **hf)
-                      if data_args.validation_split else None)
-    else:
-        train = SyntheticShapes(data_args.synthetic_train_samples, image_size=image_size, seed=seed)
-        evaluation = SyntheticShapes(data_args.synthetic_eval_samples, image_size=image_size, seed=seed + 1)
+def build_model(model_args: ModelArguments) -> CIMForPreTraining:
+    """A new model from the flags, or one that starts from ``--model_name_or_path``: a CIM folder
+    (run, checkpoint or export) continues as saved; anything else names timm weights for the
+    enhancer (a timm model name with a pretrained tag, ``hf-hub:org/name``, ``timm/...``)."""
+    source = model_args.model_name_or_path
+    if source is not None and os.path.isdir(source):
+        folder = source
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            folder = find_last_checkpoint(source) or source
+        model = CIMForPreTraining.from_pretrained(folder)
+        logger.info("Continuing pre-training from %s (its config; model flags are ignored)", folder)
+        return model
+    model = CIMForPreTraining(build_config(model_args))
+    if source is not None:
+        load_enhancer_weights(model, source)
+    return model
+
+
+def load_enhancer_weights(model: CIMForPreTraining, name: str) -> None:
+    """Copy timm's pretrained weights ``name`` into the enhancer (same architecture and sizes)."""
+    import timm
+
+    try:
+        weights = timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+    except Exception as err:
+        raise ValueError(
+            f"--model_name_or_path {name!r} is not a folder and timm could not load pretrained "
+            f"weights for it ({type(err).__name__}: {err}); pass a cim-pretrain run or "
+            "checkpoint folder, or timm weights such as timm/vit_small_patch16_224.augreg_in1k."
+        ) from err
+    try:
+        missing, unexpected = model.enhancer.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(
+            f"The weights of {name!r} do not fit the enhancer {model.config.enhancer!r}: {err}. "
+            "Pick the same architecture with --enhancer/--enhancer_kwargs (or a preset with it)."
+        ) from err
+    if missing:
+        logger.warning("Enhancer parameters not in %s (left as initialised): %s", name, missing)
+    if unexpected:
+        logger.warning(
+            "Weights of %s the enhancer has no place for (ignored): %s", name, unexpected
+        )
+    logger.info("Enhancer initialised from %s", name)
+
+
+def load_datasets(data_args: DataArguments, image_size: int):
+    """(train, labelled evaluation or None, kNN bank or None): datasets of {"image", ["label"]}."""
+    train = load_split(data_args, "train", image_size)
+    evaluation = load_split(data_args, "validation", image_size)
     bank = None
     if evaluation is not None and _is_labelled(train) and _is_labelled(evaluation):
         bank = torch.utils.data.Subset(train, range(min(len(train), data_args.knn_bank_samples)))
@@ -145,26 +219,44 @@ def _is_labelled(dataset) -> bool:
     return len(dataset) > 0 and "label" in dataset[0]
 
 
-def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: CIMTrainingArguments):
-    """The model, data and CIMTrainer a run needs; returns ``(trainer, image_grid_callback or None)``."""
+def build_trainer(
+    model_args: ModelArguments, data_args: DataArguments, training_args: CIMTrainingArguments
+):
+    """The model, data and CIMTrainer a run needs; returns ``(trainer, image_grid_callback or
+    None)``."""
     set_seed(training_args.seed)
-    config = build_config(model_args)
-    model = CIMForPreTraining(config)
-    train, evaluation, bank = load_datasets(data_args, config.image_size, training_args.seed)
+    model = build_model(model_args)
+    config = model.config
+    train, evaluation, bank = load_datasets(data_args, config.image_size)
 
-    resolved = {"preset": model_args.preset, "model": config.to_dict(), "data": asdict(data_args),
-                "training": training_args.to_dict()}
-    logger.info("Resolved configuration:\n%s", json.dumps(resolved, indent=2, default=str))
-    if training_args.process_index == 0:
+    main_process = training_args.process_index == 0
+    resolved = {
+        "preset": model_args.preset,
+        "model": config.to_dict(),
+        "data": asdict(data_args),
+        "training": training_args.to_dict(),
+    }
+    if main_process:
+        logger.info("Resolved configuration:\n%s", json.dumps(resolved, indent=2, default=str))
+        logger.info("%s", getattr(training_args, "learning_rate_source", ""))
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "cim_pretrain_config.json"), "w") as f:
             json.dump(resolved, f, indent=2, default=str)
 
-    masking = BlockMaskingGenerator(config.grid_size, config.num_mask_patches, config.min_mask_patches_per_block)
-    two_views = TwoViewTransform(config.image_size, model.tokenizer_image_size, config.image_mean, config.image_std,
-                                 scale=(data_args.min_crop_scale, 1.0))
+    masking = BlockMaskingGenerator(
+        config.grid_size, config.num_mask_patches, config.min_mask_patches_per_block
+    )
+    two_views = TwoViewTransform(
+        config.image_size,
+        model.tokenizer_image_size,
+        config.image_mean,
+        config.image_std,
+        scale=(data_args.min_crop_scale, 1.0),
+    )
     collator = CIMDataCollator(two_views, masking)
-    knn_collator = ClassificationCollator(EvalTransform(config.image_size, config.image_mean, config.image_std))
+    knn_collator = ClassificationCollator(
+        create_eval_transform(config.image_size, config.image_mean, config.image_std)
+    )
     if training_args.eval_strategy != "no" and evaluation is None:
         training_args.eval_strategy = "no"  # nothing to evaluate on: a plain run, no kNN monitor
     trainer = CIMTrainer(
@@ -183,17 +275,21 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
             torch.manual_seed(training_args.seed)
             examples = [train[i] for i in range(min(training_args.num_grid_images, len(train)))]
             batch = {k: v for k, v in collator(examples).items() if k != "labels"}
-        grids = ImageGridCallback(batch, training_args.image_log_steps, training_args.output_dir)
+        grids = ImageGridCallback(
+            batch, training_args.image_log_steps, training_args.output_dir, trainer.callback_handler
+        )
         trainer.add_callback(grids)
     return trainer, grids
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+    )
     model_args, data_args, training_args = parse_args(argv)
-    if training_args.use_cpu or not torch.cuda.is_available():
-        # AdamW's second moments underflow into denormal floats, which x86 CPUs handle ~50x slower.
-        torch.set_flush_denormal(True)
+    # Only the main process speaks at INFO; the others keep to warnings (transformers' rule).
+    logging.getLogger("cim_models").setLevel(training_args.get_process_log_level())
+    use_fast_cpu_math(training_args)
     trainer, grids = build_trainer(model_args, data_args, training_args)
     started = time.perf_counter()
     try:
@@ -215,9 +311,18 @@ def _print_summary(trainer: CIMTrainer, result, final: dict, grids, seconds: flo
     lines = [
         "",
         "CIM pre-training finished",
-        f"  steps: {trainer.state.global_step} in {seconds / 60:.1f} min; final training loss {result.training_loss:.4f}",
+        (
+            f"  steps: {trainer.state.global_step} in {seconds / 60:.1f} min; final training loss "
+            f"{result.training_loss:.4f}; learning rate {trainer.args.learning_rate:g}"
+        ),
     ]
-    for name in ("generator_loss", "generator_accuracy", "enhancer_loss", "replaced_fraction", "revdet_accuracy"):
+    for name in (
+        "generator_loss",
+        "generator_accuracy",
+        "enhancer_loss",
+        "replaced_fraction",
+        "revdet_accuracy",
+    ):
         if name in last:
             lines.append(f"  {name} (last logging window): {last[name]:.4f}")
     if "eval_knn_top1" in final:
@@ -228,10 +333,12 @@ def _print_summary(trainer: CIMTrainer, result, final: dict, grids, seconds: flo
         )
     skipped = getattr(trainer.train_dataset, "skipped_files", None)
     if skipped:
-        lines.append(f"  unreadable images skipped ({len(skipped)}): " + ", ".join(map(str, sorted(skipped))))
+        lines.append(
+            f"  unreadable images skipped ({len(skipped)}): " + ", ".join(map(str, sorted(skipped)))
+        )
     if trainer.nonfinite_steps:
         lines.append(f"  updates skipped for NaN/inf losses: {trainer.nonfinite_steps}")
-    lines.append(f"  model: {trainer.args.output_dir} (export with conversion/export_checkpoint.py)")
+    lines.append(f"  model: {trainer.args.output_dir} (export with cim-export)")
     if grids is not None and grids.last_path:
         lines.append(f"  image grids: {os.path.dirname(grids.last_path)}")
     print("\n".join(lines))

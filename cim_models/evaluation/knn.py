@@ -1,31 +1,12 @@
-"""k-nearest-neighbour classification on frozen features: the cheap probe of a pre-trained backbone."""
+"""k-nearest-neighbour classification on frozen features: the cheap probe of a pre-trained
+backbone (``cim-eval knn``, and the kNN monitor of pre-training)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
 
-
-@torch.no_grad()
-def extract_features(
-    backbone: nn.Module, dataloader: DataLoader, device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (N, D), L2-normalised, and labels (N,) of every batch of ``dataloader``.
-
-    ``backbone(pixel_values)`` must return pooled features (a timm model with ``num_classes=0`` does).
-    """
-    device = device or next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    for batch in dataloader:
-        output = backbone(batch["pixel_values"].to(device, non_blocking=True))
-        features.append(F.normalize(output.float().flatten(1), dim=1).cpu())
-        labels.append(batch["labels"])
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
+from .metrics import topk_accuracy
 
 
 @torch.no_grad()
@@ -41,8 +22,8 @@ def knn_predict(
     """Class scores (Q, C) of each query by a vote of its ``k`` most cosine-similar bank features,
     each weighted by ``exp(similarity / temperature)`` (the InstDisc / DINO rule).
 
-    Features must be L2-normalised. Queries are processed in batches, so the (Q, N) similarity matrix
-    never exists whole and ImageNet-size banks fit on one GPU.
+    Features must be L2-normalised. Queries are processed in batches, so the (Q, N) similarity
+    matrix never exists whole and ImageNet-size banks fit on one GPU.
     """
     if bank_features.shape[0] == 0:
         raise ValueError("The kNN feature bank is empty.")
@@ -70,6 +51,4 @@ def knn_accuracy(
     """Top-k accuracies of :func:`knn_predict`, as fractions in [0, 1]."""
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     scores = knn_predict(bank_features, bank_labels, query_features, k, temperature, num_classes)
-    ranked = scores.topk(min(max(topk), num_classes), dim=1).indices  # (Q, maxk)
-    hits = ranked == query_labels.unsqueeze(1)
-    return {t: hits[:, :t].any(1).float().mean().item() for t in topk}
+    return topk_accuracy(scores, query_labels, topk)
