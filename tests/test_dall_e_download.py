@@ -161,20 +161,24 @@ def test_offline_without_cache_says_where_the_files_go(hf_home, monkeypatch):
     assert "cim-convert-dall-e" in str(error.value)
 
 
-def test_hub_repo_id_of_a_converted_tokenizer_loads_from_the_cache(
-    pickles, tmp_path, hf_home, monkeypatch
-):
-    folder = tmp_path / "converted"
-    folder.mkdir()
+@pytest.fixture(scope="module")
+def converted(pickles, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("converted")
     convert_openai_dall_e(
         pickles.path("encoder-zip.pkl"), pickles.path("decoder-zip.pkl"), folder, check_images=1
     )
+    return folder
+
+
+def test_hub_repo_id_of_a_converted_tokenizer_loads_from_the_cache(
+    pickles, converted, hf_home, monkeypatch
+):
     # What hf_hub_download leaves behind after an online download (huggingface_hub's cache layout).
     repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--me--dall-e-tiny"
     commit = "0" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, repo / "snapshots" / commit)
+    shutil.copytree(converted, repo / "snapshots" / commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
     tokenizer = DallETokenizer(weights="me/dall-e-tiny")  # no architecture arguments needed
@@ -184,3 +188,24 @@ def test_hub_repo_id_of_a_converted_tokenizer_loads_from_the_cache(
         DallETokenizer(weights="me/dall-e-tiny", n_init=64)
     with pytest.raises(OSError, match="me/not-cached"):
         DallETokenizer(weights="me/not-cached")
+
+
+def test_cim_model_with_openai_tokenizer_weights_saves_and_reloads_offline(
+    pickles, converted, hf_home, monkeypatch, tmp_path
+):
+    # What `cim-pretrain --tokenizer_weights openai` builds, once the release is cached.
+    from cim_models import CIMForPreTraining
+    from tests.tiny import tiny_config
+
+    shutil.copytree(converted, openai_cache_folder())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    config = tiny_config(tokenizer="dall-e", tokenizer_weights="openai", tokenizer_kwargs={})
+    model = CIMForPreTraining(config)
+    assert model.config.vocab_size == 512 and model.tokenizer.architecture == ARCH
+    assert torch.equal(model.tokenizer.encode(pickles.images), pickles.ref_ids)
+
+    model.save_pretrained(tmp_path / "run")
+    reloaded = CIMForPreTraining.from_pretrained(tmp_path / "run")  # built on the meta device
+    for name, weight in model.tokenizer.state_dict().items():
+        assert torch.equal(reloaded.tokenizer.state_dict()[name], weight), name
+    assert not any(p.requires_grad for p in reloaded.tokenizer.parameters())

@@ -468,9 +468,9 @@ def openai_weights_folder(check_images: int = 2) -> Path:
             )
         except DallEConversionError as err:
             raise DallEConversionError(f"{err}\nNothing was cached in {folder}.") from None
-        if folder.is_dir():
-            folder.rmdir()  # empty, checked above
         try:
+            if folder.is_dir():
+                folder.rmdir()  # empty, checked above
             staging.rename(folder)
         except OSError:
             if not _is_converted_folder(folder):  # else another process finished first
