@@ -5,12 +5,18 @@ In one process, after warm-up, it alternates rounds of (a) a supervised step of 
 forward, backward, gradient clipping, AdamW), with the same batch, precision, optimizer and compile
 setting. It reports the median step time and images/s of each, the ratio (b)/(a), FLOPs per step
 counted by ``torch.utils.flop_counter`` and the TFLOP/s that gives, peak memory, and a per-stage
-breakdown of (b) measured on separate instrumented steps that run the model's own submodules stage by
-stage (tokenize, generator forward+backward, sample + decode, enhancer forward+backward, optimizer).
+breakdown of (b): separate steps that run the model's own ``forward`` with each of its stage methods
+(``tokenize``, ``generate``, ``sample``, ``corrupt``, ``enhance``, the losses) timed, then each
+loss's backward and the optimizer. A change to a stage method is timed without editing this file.
+
+With no flags it fits the device: on a GPU the full-size step (vit_base, bf16, batch 128, 30
+steps); on a CPU a tiny one (64 px, fp32, batch 16, 10 steps) that runs in about a minute.
 
     export PYTHONPATH=.   # from the repository root; works without pip install -e .
-    python benchmarks/step_throughput.py --preset tiny --device cpu --threads 1    # seconds on CPU
-    python benchmarks/step_throughput.py --preset vit_base --precision bf16 --batch-size 128 --compile
+    python benchmarks/step_throughput.py                      # sized for the device
+    python benchmarks/step_throughput.py --preset tiny --device cpu --threads 1
+    python benchmarks/step_throughput.py --preset vit_base --precision bf16 --batch-size 128 \\
+        --compile
     python benchmarks/step_throughput.py --preset resnet50 --precision bf16 --batch-size 128 \\
         --compile --channels-last --json resnet50.json
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import platform
 import resource
@@ -31,25 +38,24 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cim_models import BlockMaskingGenerator, CIMConfig, CIMForPreTraining, sample_tokens
+from cim_models import BlockMaskingGenerator, CIMConfig, CIMForPreTraining
 from cim_models.enhancers import STOCK_ARCHITECTURES
-from cim_models.masking import masked_indices
-from cim_models.objectives import respix_loss, revdet_labels, revdet_loss, sliding_window_normalize
-from cim_models.tokenizers.dall_e import map_pixels
 from cim_models.tokenizers import DallETokenizer
+from cim_models.tokenizers.dall_e import map_pixels
 
 # The tiny DALL-E of the tests: the real code path, 0.24 M parameters.
 TINY_DALL_E = dict(random_init=True, n_hid=16, n_blk_per_group=1, vocab_size=512, n_init=32)
 
-# Generator width per SPEC.md: the enhancer's width (384 for ResNet-50), depth 4.
+# Generator: depth 4, as wide as the enhancer (384 for ResNet-50).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         enhancer="cim_vit_tiny_patch16_224",
@@ -60,106 +66,34 @@ PRESETS: dict[str, dict[str, Any]] = {
         generator_hidden_size=192,
         tokenizer_kwargs=TINY_DALL_E,
     ),
-    "tiny_resnet": dict(
-        enhancer="cim_resnet50",
-        enhancer_kwargs=dict(layers=(1, 1, 1, 1)),
-        image_size=64,
-        patch_size=8,
-        num_mask_patches=24,
-        generator_hidden_size=192,
-        tokenizer_kwargs=TINY_DALL_E,
-    ),
     "vit_small": dict(enhancer="cim_vit_small_patch16_224", generator_hidden_size=384),
     "vit_base": dict(enhancer="cim_vit_base_patch16_224", generator_hidden_size=768),
     "resnet50": dict(enhancer="cim_resnet50", generator_hidden_size=384),
 }
-STAGES = ("tokenize", "generator", "sample_decode", "enhancer", "optimizer")
-STAGE_TITLES = {
-    "tokenize": "tokenize (encoder)",
-    "generator": "generator fwd+bwd",
-    "sample_decode": "sample + decode",
-    "enhancer": "enhancer fwd+bwd",
-    "optimizer": "optimizer",
+PRESETS["tiny_resnet"] = {
+    **PRESETS["tiny"],
+    "enhancer": "cim_resnet50",
+    "enhancer_kwargs": dict(layers=(1, 1, 1, 1)),
 }
+# Reported stage -> the parts it adds up: CIMForPreTraining's stage methods, each loss's backward
+# and the optimizer step.
+STAGES: dict[str, tuple[str, ...]] = {
+    "tokenize": ("tokenize",),
+    "generator": ("generate", "generator_loss", "generator_backward"),
+    "sample_decode": ("sample", "corrupt"),
+    "enhancer": ("enhance", "enhancer_loss", "enhancer_backward"),
+    "optimizer": ("optimizer",),
+}
+STAGE_METHODS = [m for parts in STAGES.values() for m in parts if hasattr(CIMForPreTraining, m)]
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Defaults that fit the device: the full-size step on a GPU, a one-minute tiny step on a CPU.
+DEVICE_DEFAULTS = {
+    "cuda": dict(preset="vit_base", precision="bf16", batch_size=128, steps=30, warmup=5),
+    "cpu": dict(preset="tiny", precision="fp32", batch_size=16, steps=10, warmup=2),
+}
 
 
-# --- The CIM step, stage by stage ------------------------------------------------------------------
-
-
-class CIMStages:
-    """``CIMForPreTraining.forward`` cut into its stages, run with the model's own submodules.
-
-    It mirrors ``CIMForPreTraining.forward`` stage by stage, for timing and FLOP counting only, and
-    must be kept in sync with it (tests/test_benchmarks.py checks that both give the same losses).
-    ``run(batch, stage)`` wraps each stage in ``stage(name)`` (a timer or a FLOP counter) and
-    backpropagates each loss inside its own stage; the two losses share no graph, so this equals
-    backpropagating their sum.
-    """
-
-    def __init__(self, model: CIMForPreTraining, trainee: "Trainee"):
-        self.model, self.trainee = model, trainee
-
-    def run(self, batch: dict[str, torch.Tensor], stage: Callable[[str], Any]) -> None:
-        self.parts(batch, stage, backward=True)
-        with stage("optimizer"):
-            self.trainee.optimizer_step()
-
-    def parts(self, batch, stage, backward: bool) -> dict[str, torch.Tensor]:
-        """Forward (and, with ``backward``, each loss's backward) of the step, stage by stage."""
-        m, t = self.model, self.trainee
-        pixel_values = batch["pixel_values"]
-        batch_size = pixel_values.shape[0]
-        mask = batch["bool_masked_pos"].reshape(batch_size, -1).bool()  # (B, N)
-
-        with stage("tokenize"):  # the tokenizer sets its own precision; the step's autocast is moot
-            input_ids = m.tokenizer.encode(batch["tokenizer_pixel_values"])  # (B, h, w)
-
-        with stage("generator"):
-            with t.autocast():
-                masked_index = masked_indices(mask, m.config.num_mask_patches)  # (B, M)
-                logits = m.generator(pixel_values, mask, masked_index)  # (B, M, V)
-                masked_ids = input_ids.reshape(batch_size, -1).gather(1, masked_index)  # (B, M)
-                generator_loss = F.cross_entropy(logits.flatten(0, 1).float(), masked_ids.flatten())
-            if backward:
-                t.backward(generator_loss)
-
-        with stage("sample_decode"), t.autocast():
-            corrupted_ids = sample_tokens(
-                logits, input_ids, mask, m.config.sampling_temperature, masked_index
-            )
-            corrupted = m.tokenizer.decode(corrupted_ids)  # (B, 3, T, T)
-            corrupted = F.interpolate(
-                corrupted, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False
-            )
-            corrupted = corrupted.clamp(0, 1).to(pixel_values.dtype)
-
-        with stage("enhancer"):
-            with t.autocast():
-                features = m.enhancer.forward_features((corrupted - m.image_mean) / m.image_std)
-                prediction = m.enhancer_head(features)
-                replaced = revdet_labels(input_ids, corrupted_ids, mask)
-                if m.config.objective == "respix":
-                    original = pixel_values * m.image_std + m.image_mean
-                    target = sliding_window_normalize(original, m.config.window_size)
-                    enhancer_loss = respix_loss(prediction, target)
-                else:
-                    prediction = prediction.squeeze(1)
-                    enhancer_loss = revdet_loss(prediction, replaced)
-            if backward:
-                t.backward(m.config.enhancer_loss_weight * enhancer_loss)
-        return dict(
-            logits=logits,
-            masked_ids=masked_ids,
-            generator_loss=generator_loss,
-            enhancer_loss=enhancer_loss,
-            prediction=prediction,
-            corrupted=corrupted,
-            replaced=replaced,
-        )
-
-
-# --- Models, batches, steps ------------------------------------------------------------------------
+# --- Models, batches, steps -----------------------------------------------------------------------
 
 
 class Trainee:
@@ -182,6 +116,15 @@ class Trainee:
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def forward_backward(self, loss_fn: Callable[[], torch.Tensor]) -> None:
+        with self.autocast():
+            loss = loss_fn()
+        self.backward(loss)
+
+    def step(self, loss_fn: Callable[[], torch.Tensor]) -> None:
+        self.forward_backward(loss_fn)
+        self.optimizer_step()
 
     def optimizer_step(self) -> None:
         if self.scaler:
@@ -208,7 +151,11 @@ def cim_config(args: argparse.Namespace) -> CIMConfig:
 def stock_model(config: CIMConfig) -> torch.nn.Module:
     """The stock timm classifier of the enhancer's architecture, 1000 classes."""
     name = STOCK_ARCHITECTURES.get(config.enhancer, config.enhancer)
-    kwargs = {"num_classes": 1000, "drop_path_rate": config.drop_path_rate, **config.enhancer_kwargs}
+    kwargs = {
+        "num_classes": 1000,
+        "drop_path_rate": config.drop_path_rate,
+        **config.enhancer_kwargs,
+    }
     try:
         return timm.create_model(name, **{"img_size": config.image_size, **kwargs})
     except TypeError:  # CNNs take no img_size
@@ -216,7 +163,8 @@ def stock_model(config: CIMConfig) -> torch.nn.Module:
 
 
 def make_batch(model: CIMForPreTraining, batch_size: int, device, channels_last: bool, seed=0):
-    """Random images as the collator gives them: normalised view, tokenizer view in [0, 1], masks."""
+    """Random images as the collator gives them: normalised view, tokenizer view in [0, 1],
+    masks."""
     rng = torch.Generator().manual_seed(seed)
     size = model.config.image_size
     images = torch.rand(batch_size, 3, size, size, generator=rng)
@@ -248,19 +196,61 @@ def compile_modules(model: torch.nn.Module, mode: str | None) -> None:
         model.compile(mode=mode)
 
 
-# --- Token agreement of the low-precision encoder ---------------------------------------------------
+# --- The CIM step, stage by stage -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stage_methods_in(model: CIMForPreTraining, stage: Callable[[str], Any]):
+    """Run every stage method of ``model`` inside ``stage(name)`` (a timer or a FLOP counter), so
+    that ``model(...)`` itself reports its stages; the methods are restored on exit."""
+
+    def wrap(name: str, method: Callable) -> Callable:
+        def staged(*args, **kwargs):
+            with stage(name):
+                return method(*args, **kwargs)
+
+        return staged
+
+    for name in STAGE_METHODS:
+        setattr(model, name, wrap(name, getattr(model, name)))  # shadows the class's method
+    try:
+        yield
+    finally:
+        for name in STAGE_METHODS:
+            delattr(model, name)
+
+
+def staged_step(
+    model: CIMForPreTraining, trainee: Trainee, inputs: dict, stage: Callable, optimizer=True
+) -> None:
+    """One CIM step, the model's forward with its stages reported to ``stage``, then each loss's
+    backward on its own: the two losses share no graph, so this equals backpropagating their sum."""
+    with stage_methods_in(model, stage), trainee.autocast():
+        output = model(**inputs)
+    with stage("generator_backward"):
+        trainee.backward(output.generator_loss)
+    with stage("enhancer_backward"):
+        trainee.backward(model.config.enhancer_loss_weight * output.enhancer_loss)
+    if optimizer:
+        with stage("optimizer"):
+            trainee.optimizer_step()
+
+
+# --- Token agreement of the low-precision encoder -------------------------------------------------
 
 
 def smooth_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
     """(count, 3, size, size) in [0, 1]: bicubic colour fields with a few flat discs and bars, the
-    smooth regions and hard edges of photos (uniform noise would be nothing like what a dVAE sees)."""
+    smooth regions and hard edges of photos (uniform noise is nothing like what a dVAE sees)."""
     rng = torch.Generator().manual_seed(seed)
     coarse = torch.rand(count, 3, 4, 4, generator=rng)
     images = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     for image in images:
         for _ in range(4):
-            cx, cy, r = (torch.rand(3, generator=rng) * torch.tensor([size, size, size / 3])).tolist()
+            cx, cy, r = (
+                torch.rand(3, generator=rng) * torch.tensor([size, size, size / 3])
+            ).tolist()
             colour = torch.rand(3, 1, 1, generator=rng)
             if torch.rand((), generator=rng) < 0.5:
                 inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= (r + 2) ** 2
@@ -294,7 +284,9 @@ def encoder_tokens(tokenizer: DallETokenizer, images: torch.Tensor, dtype: torch
 
 
 def token_agreement(
-    tokenizer: DallETokenizer, images: torch.Tensor, dtype: torch.dtype | None = None,
+    tokenizer: DallETokenizer,
+    images: torch.Tensor,
+    dtype: torch.dtype | None = None,
     batch_size: int = 32,
 ) -> float:
     """Fraction of positions where the tokenizer gives its full-fp32 token.
@@ -317,7 +309,7 @@ def token_agreement(
     return agree / total
 
 
-# --- Measurement -----------------------------------------------------------------------------------
+# --- Measurement ----------------------------------------------------------------------------------
 
 
 def synchronize(device: torch.device) -> None:
@@ -326,10 +318,13 @@ def synchronize(device: torch.device) -> None:
 
 
 class StageTimer:
-    """Wall time of named stages, synchronising the device at both ends."""
+    """Wall time of named stages per step, synchronising the device at both ends."""
 
     def __init__(self, device: torch.device):
-        self.device, self.times = device, defaultdict(list)
+        self.device, self.steps = device, []
+
+    def new_step(self) -> None:
+        self.steps.append(defaultdict(float))
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -337,7 +332,11 @@ class StageTimer:
         start = time.perf_counter()
         yield
         synchronize(self.device)
-        self.times[name].append(time.perf_counter() - start)
+        self.steps[-1][name] += time.perf_counter() - start
+
+    def median_ms(self, names: tuple[str, ...]) -> float:
+        """Median over the steps of the time spent in ``names`` together."""
+        return 1e3 * statistics.median(sum(step[n] for n in names) for step in self.steps)
 
 
 class StageFlops:
@@ -354,7 +353,8 @@ class StageFlops:
 
 
 def peak_memory(device: torch.device, step: Callable[[], None], base: int = 0) -> float:
-    """GiB: on CUDA the allocator's peak during one step minus ``base``; on CPU the process peak RSS."""
+    """GiB: on CUDA the allocator's peak during one step minus ``base``; on CPU the process's
+    peak RSS."""
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -363,6 +363,14 @@ def peak_memory(device: torch.device, step: Callable[[], None], base: int = 0) -
         return (torch.cuda.max_memory_allocated(device) - base) / 2**30
     step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def warm_up(step: Callable[[], None], count: int, device, base: int = 0) -> tuple[float, float]:
+    """Run ``count`` steps, the last one measuring peak memory; (peak GiB, seconds taken)."""
+    start = time.perf_counter()
+    for _ in range(max(count - 1, 0)):
+        step()
+    return peak_memory(device, step, base), time.perf_counter() - start
 
 
 def time_rounds(steps: dict[str, Callable[[], None]], total: int, rounds: int, device) -> dict:
@@ -403,23 +411,36 @@ def hardware(device: torch.device) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="vit_base")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="default: vit_base on a GPU, tiny on a CPU"
+    )
     parser.add_argument("--enhancer", help="timm name overriding the preset's enhancer")
     parser.add_argument("--enhancer-kwargs", help="JSON kwargs for --enhancer")
     parser.add_argument("--objective", choices=("respix", "revdet"), default="respix")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--batch-size", type=int, help="default: 128 on a GPU, 16 on a CPU")
+    parser.add_argument(
+        "--precision", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile every module")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    parser.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune"
+    )
     parser.add_argument("--channels-last", action="store_true", help="model and inputs NHWC")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps of each workload")
+    parser.add_argument(
+        "--steps", type=int, help="timed steps of each workload; default: 30 on a GPU, 10 on a CPU"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="alternation rounds (<= steps)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (compiles)")
+    parser.add_argument(
+        "--warmup", type=int, help="untimed steps of each (compiles); default: 5 GPU, 2 CPU"
+    )
     parser.add_argument("--breakdown-steps", type=int, default=None, help="instrumented CIM steps")
     parser.add_argument("--max-grad-norm", type=float, default=3.0, help="0 turns clipping off")
     parser.add_argument(
-        "--check-tokens", type=int, default=0, metavar="N",
+        "--check-tokens",
+        type=int,
+        default=0,
+        metavar="N",
         help="also measure how often the step's tokens (the tokenizer's own precision: fp16 on "
         "CUDA, fp32 elsewhere) equal full-fp32 tokens, on N smooth synthetic images",
     )
@@ -427,6 +448,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    defaults = DEVICE_DEFAULTS["cuda" if torch.device(args.device).type == "cuda" else "cpu"]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.rounds = min(args.rounds or min(args.steps, 10), args.steps)
     args.breakdown_steps = args.breakdown_steps or max(1, min(args.steps, 10))
     return args
@@ -445,23 +470,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    # (b) the CIM model: built, FLOP-counted (eager), compiled, warmed up, peak memory, first, so its
-    # peak memory is measured while nothing else is resident.
+    # (b) the CIM model: built, FLOP-counted (eager), compiled, warmed up, peak memory, first, so
+    # its peak memory is measured while nothing else is resident.
     config = cim_config(args)
     cim = CIMForPreTraining(config).to(device, memory_format=memory_format).train()
     batch = make_batch(cim, args.batch_size, device, args.channels_last, args.seed)
-    cim_inputs = {k: batch[k] for k in ("pixel_values", "tokenizer_pixel_values", "bool_masked_pos")}
+    cim_inputs = {
+        k: batch[k] for k in ("pixel_values", "tokenizer_pixel_values", "bool_masked_pos")
+    }
     cim_trainee = Trainee(cim, args, device)
-    stages = CIMStages(cim, cim_trainee)
-
-    def cim_step() -> None:
-        with cim_trainee.autocast():
-            loss = cim(**cim_inputs).loss
-        cim_trainee.backward(loss)
-        cim_trainee.optimizer_step()
-
     counter = StageFlops()
-    stages.parts(cim_inputs, counter, backward=True)  # forward + backward, no optimizer step
+    staged_step(cim, cim_trainee, cim_inputs, counter, optimizer=False)  # forward + backward
     cim_trainee.optimizer.zero_grad(set_to_none=True)
     agreement = None
     if args.check_tokens:  # eager, before compiling
@@ -469,36 +488,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         agreement = token_agreement(cim.tokenizer, images)
     if args.compile:
         compile_modules(cim, args.compile_mode)
-    start = time.perf_counter()
-    for _ in range(max(args.warmup - 1, 0)):
-        cim_step()
-    cim_memory = peak_memory(device, cim_step)
-    cim_warmup_s = time.perf_counter() - start
+    cim_step = functools.partial(cim_trainee.step, lambda: cim(**cim_inputs).loss)
+    cim_memory, cim_warmup_s = warm_up(cim_step, args.warmup, device)
 
     # (a) the supervised step of the stock model.
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     stock = stock_model(config).to(device, memory_format=memory_format).train()
     images, labels = batch["pixel_values"].clone(), batch["labels"]
     stock_trainee = Trainee(stock, args, device)
-
-    def supervised_step() -> None:
-        with stock_trainee.autocast():
-            loss = F.cross_entropy(stock(images).float(), labels)
-        stock_trainee.backward(loss)
-        stock_trainee.optimizer_step()
-
+    supervised_loss = lambda: F.cross_entropy(stock(images).float(), labels)
     with FlopCounterMode(display=False) as supervised_counter:
-        with stock_trainee.autocast():
-            loss = F.cross_entropy(stock(images).float(), labels)
-        stock_trainee.backward(loss)
+        stock_trainee.forward_backward(supervised_loss)
     stock_trainee.optimizer.zero_grad(set_to_none=True)
     if args.compile:
         compile_modules(stock, args.compile_mode)
-    start = time.perf_counter()
-    for _ in range(max(args.warmup - 1, 0)):
-        supervised_step()
-    supervised_memory = peak_memory(device, supervised_step, base)
-    supervised_warmup_s = time.perf_counter() - start
+    supervised_step = functools.partial(stock_trainee.step, supervised_loss)
+    supervised_memory, supervised_warmup_s = warm_up(supervised_step, args.warmup, device, base)
 
     # Alternating timed rounds, then the instrumented CIM steps.
     times = time_rounds(
@@ -507,8 +512,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timer = StageTimer(device)
     whole = []
     for _ in range(args.breakdown_steps):
+        timer.new_step()
         start = time.perf_counter()
-        stages.run(cim_inputs, timer)
+        staged_step(cim, cim_trainee, cim_inputs, timer)
         whole.append(time.perf_counter() - start)
 
     flops = {
@@ -530,12 +536,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "peak_memory_gib": memory[name],
             "warmup_s": warmup_s[name],
         }
-    stage_ms = {s: 1e3 * statistics.median(timer.times[s]) for s in STAGES}
+    parts = [part for stage_parts in STAGES.values() for part in stage_parts]
+    stage_ms = {stage: timer.median_ms(stage_parts) for stage, stage_parts in STAGES.items()}
     results["cim"]["stages_ms"] = stage_ms
-    results["cim"]["stages_sum_ms"] = sum(stage_ms.values())
+    results["cim"]["parts_ms"] = {part: timer.median_ms((part,)) for part in parts}
+    results["cim"]["stages_sum_ms"] = timer.median_ms(tuple(parts))
     results["cim"]["instrumented_step_ms"] = 1e3 * statistics.median(whole)
     results["cim"]["stages_gflop_per_image"] = {
-        s: counter.flops.get(s, 0) / args.batch_size / 1e9 for s in STAGES
+        stage: sum(counter.flops.get(part, 0) for part in stage_parts) / args.batch_size / 1e9
+        for stage, stage_parts in STAGES.items()
     }
     if agreement is not None:
         results["token_agreement"] = agreement
@@ -544,29 +553,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": shlex.join(["python", "benchmarks/step_throughput.py", *arguments]),
         "hardware": hardware(device),
         "config": {
-            "preset": args.preset,
+            **{k: v for k, v in vars(args).items() if k not in ("json", "enhancer")},
             "enhancer": config.enhancer,
             "stock_model": STOCK_ARCHITECTURES.get(config.enhancer, config.enhancer),
             "enhancer_kwargs": config.enhancer_kwargs,
-            "objective": args.objective,
             "image_size": config.image_size,
             "tokenizer_image_size": cim.tokenizer_image_size,
             "mask": f"{config.num_mask_patches} of {config.grid_size}x{config.grid_size}",
             "generator": f"depth {config.generator_num_hidden_layers}, "
             f"width {config.generator_hidden_size}",
-            "batch_size": args.batch_size,
-            "precision": args.precision,
-            "compile": args.compile,
-            "compile_mode": args.compile_mode,
-            "channels_last": args.channels_last,
-            "steps": args.steps,
-            "rounds": args.rounds,
-            "warmup": args.warmup,
-            "breakdown_steps": args.breakdown_steps,
-            "max_grad_norm": args.max_grad_norm,
             "tokenizer_precision": "fp16" if device.type == "cuda" else "fp32",
-            "check_tokens": args.check_tokens,
-            "peak_memory": "cuda max_memory_allocated in one step" if device.type == "cuda"
+            "peak_memory": "cuda max_memory_allocated in one step"
+            if device.type == "cuda"
             else "process peak RSS (CPU)",
         },
         **results,
@@ -606,14 +604,16 @@ def print_report(report: dict[str, Any]) -> None:
         )
     cim = report["cim"]
     print(f"CIM stages, median of {c['breakdown_steps']} instrumented steps:")
-    for stage in STAGES:
+    for stage, parts in STAGES.items():
         ms = cim["stages_ms"][stage]
+        split = ", ".join(f"{part} {cim['parts_ms'][part]:.2f}" for part in parts)
+        gflop = cim["stages_gflop_per_image"][stage]
         print(
-            f"  {STAGE_TITLES[stage]:<20} {ms:9.2f} ms  {100 * ms / cim['stages_sum_ms']:5.1f} %  "
-            f"{cim['stages_gflop_per_image'][stage]:8.2f} GFLOP/img"
+            f"  {stage:<14} {ms:9.2f} ms  {100 * ms / cim['stages_sum_ms']:5.1f} %  "
+            f"{gflop:8.2f} GFLOP/img  {f'({split})' if len(parts) > 1 else ''}"
         )
     print(
-        f"  {'sum of stages':<20} {cim['stages_sum_ms']:9.2f} ms; instrumented step "
+        f"  {'sum of stages':<14} {cim['stages_sum_ms']:9.2f} ms; instrumented step "
         f"{cim['instrumented_step_ms']:.2f} ms; uninstrumented step {cim['step_ms']:.2f} ms"
     )
 
