@@ -54,6 +54,7 @@ from cim_models.evaluation.linear_probe import (
     train_linear_probe,
 )
 from cim_models.hub.export import main as export_main
+from cim_models.tokenizers import CodebookTokenizer
 from cim_models.training.cli import main as pretrain_main
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -121,7 +122,19 @@ class FitTimeRecorder(logging.Handler):
             self.seconds = float(record.args[-1])
 
 
-def pretrain(args, tokenizer: str, objective: str, train_dir: Path, run_dir: Path) -> dict:
+def fit_codebook(images: list[Image.Image], folder: Path, seed: int) -> float:
+    """Fit the default 512-token codebook on ``images`` and save it in ``folder``; the seconds."""
+    pixels = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images])
+    started = time.perf_counter()
+    tokenizer = CodebookTokenizer().fit(pixels.float() / 255, seed=seed)  # (N, 3, S, S) in [0, 1]
+    seconds = time.perf_counter() - started
+    tokenizer.save_pretrained(folder)
+    return seconds
+
+
+def pretrain(
+    args, tokenizer: str, objective: str, train_dir: Path, run_dir: Path, extra: list[str]
+) -> dict:
     argv = [
         "--preset", "tiny",
         "--objective", objective,
@@ -133,6 +146,7 @@ def pretrain(args, tokenizer: str, objective: str, train_dir: Path, run_dir: Pat
         "--save_strategy", "no",
         "--image_log_steps", "0",
         "--report_to", "none",
+        *extra,
     ]  # fmt: skip
     recorder = FitTimeRecorder()
     codebook_logger = logging.getLogger("cim_models.tokenizers.codebook")
@@ -224,7 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", type=Path, default=FASHION_MNIST)
     parser.add_argument("--work_dir", type=Path, help="keep the PNGs and runs here")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--codebook_weights", type=Path,
+        help="a codebook folder for --tokenizer_weights; fitted here on the training images and "
+        "saved there if it does not exist yet (default: cim-pretrain fits the codebook itself)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--merge", type=Path, nargs="+",
+        help="only combine the runs of these results files into --output and print the table",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.output)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
@@ -270,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     untrained = None
+    codebook_fit_seconds = None
+    codebook_given = "codebook" in args.tokenizers and args.codebook_weights is not None
+    if codebook_given and not args.codebook_weights.exists():
+        codebook_fit_seconds = fit_codebook(data["train"], args.codebook_weights, args.seed)
+        logger.info("Fitted the codebook in %.1f s", codebook_fit_seconds)
     for tokenizer in args.tokenizers:
         for objective in args.objectives:
             run_dir = work_dir / f"run_{tokenizer}_{objective}"
@@ -279,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
             if export_dir.exists():
                 shutil.rmtree(export_dir)
             run = {"tokenizer": tokenizer, "objective": objective}
-            run.update(pretrain(args, tokenizer, objective, train_dir, run_dir))
+            extra = []
+            if tokenizer == "codebook" and args.codebook_weights is not None:
+                extra = ["--tokenizer_weights", str(args.codebook_weights)]
+            run.update(pretrain(args, tokenizer, objective, train_dir, run_dir, extra))
+            if extra:
+                run["codebook"] = f"fitted by this script (seed {args.seed}), --tokenizer_weights"
+                run["codebook_fit_seconds"] = codebook_fit_seconds
             if export_main(["--checkpoint", str(run_dir), "--out", str(export_dir)]) != 0:
                 raise SystemExit(f"cim-export of {run_dir} failed.")
             trained_model = timm.create_model(f"local-dir:{export_dir}", pretrained=True)
@@ -319,6 +355,18 @@ def pooled_matches_automodel(timm_model, run_dir: Path, images: list) -> bool:
     batch = torch.stack([transform(image) for image in images])
     pooled = AutoModel.from_pretrained(run_dir).eval()(pixel_values=batch).pooler_output
     return bool(torch.allclose(pooled, timm_model.eval()(batch), atol=1e-4))
+
+
+def merge(paths: list[Path], output: Path) -> int:
+    """One results file from several (runs of different objectives run side by side)."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    results = dict(parts[0], runs=[run for part in parts for run in part["runs"]])
+    results["command"] = [part["command"] for part in parts]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nResults: {output}")
+    return 0
 
 
 def table(results: dict) -> str:
