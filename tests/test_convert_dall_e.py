@@ -285,6 +285,9 @@ def make_openai_pickles(root: Path) -> Pickles:
                     _use_new_zipfile_serialization=zip_format,
                 )
             del encoder.__dict__["payload"]
+        # A decoder of another architecture: the pair does not belong together.
+        other = Decoder(n_init=32, n_hid=32, n_blk_per_group=1, vocab_size=512)
+        torch.save(other, root / "decoder-n_hid32-zip.pkl")
         # Not even a torch.save file: torch.load unpickles its first record with our pickle module.
         with open(root / "evil-system-raw.pkl", "wb") as f:
             pickle.dump(Payload(os.system, shell), f)
@@ -420,6 +423,15 @@ def test_failed_check_exits_nonzero_and_writes_nothing(pickles, tmp_path, capsys
     out = tmp_path / "dall-e"
     assert run([*pkl_args(pickles), "--out", out, "--check-images", "1"]) != 0
     assert "does not reproduce the pickled modules" in capsys.readouterr().err
+    assert not out.exists() and siblings(out) == []
+
+
+def test_encoder_and_decoder_of_different_architectures_are_refused(pickles, tmp_path, capsys):
+    out = tmp_path / "dall-e"
+    assert run([*pkl_args(pickles, decoder="decoder-n_hid32-zip.pkl"), "--out", out]) != 0
+    error = capsys.readouterr().err
+    assert "decoder-n_hid32-zip.pkl does not match the dVAE decoder" in error
+    assert "'n_hid': 16" in error and "blocks.group_1.block_1" in error
     assert not out.exists() and siblings(out) == []
 
 

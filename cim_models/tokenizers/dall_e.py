@@ -699,24 +699,6 @@ def _infer_architecture(encoder: dict, decoder: dict, labels: dict[str, str]) ->
     )
 
 
-def _check_layout(state: dict, module: nn.Module, part: str, label: str, arch: dict) -> None:
-    """Fail, listing the differences, unless ``state`` has exactly ``module``'s names and shapes."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    problems = [f"missing {k}" for k in sorted(expected.keys() - state.keys())]
-    problems += [f"unexpected {k}" for k in sorted(state.keys() - expected.keys())]
-    problems += [
-        f"{k} is {tuple(state[k].shape)}, expected {shape}"
-        for k, shape in sorted(expected.items())
-        if k in state and tuple(state[k].shape) != shape
-    ]
-    if problems:
-        raise DallEConversionError(
-            f"{label} does not match the dVAE {part} with {arch} inferred from the shapes "
-            f"({len(problems)} differences: {'; '.join(problems[:6])}). Check that both files "
-            "come from the same OpenAI release."
-        )
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -781,7 +763,7 @@ def convert_openai_dall_e(
     expected = {"encoder": _OpenAIEncoder, "decoder": _OpenAIDecoder}
     # Built on the CPU even inside from_pretrained's meta-device context: the check runs them.
     with torch.device("cpu"):
-        openai, sources = {}, {}
+        openai, states, sources = {}, {}, {}
         for part, path in paths.items():
             if not path.is_file():
                 raise DallEConversionError(
@@ -797,47 +779,36 @@ def convert_openai_dall_e(
                     "Did you swap the encoder and decoder files?"
                 )
             openai[part] = module.float().eval()
-            state = {k: v.detach().float().contiguous() for k, v in module.state_dict().items()}
-            sources[part] = DallESource(
-                names[part],
-                hashlib.sha256(data).hexdigest(),
-                len(state),
-                sum(t.numel() for t in state.values()),
-            )
+            states[part] = {
+                k: v.detach().contiguous() for k, v in openai[part].state_dict().items()
+            }
+            n_params = sum(t.numel() for t in states[part].values())
+            digest = hashlib.sha256(data).hexdigest()
+            sources[part] = DallESource(names[part], digest, len(states[part]), n_params)
             del data
-        states = {part: module.state_dict() for part, module in openai.items()}
         arch = _infer_architecture(states["encoder"], states["decoder"], labels)
-        with torch.device("meta"):  # the package's layout, for its names and shapes only
+        with torch.device("meta"):  # the package's layout: its names and shapes, nothing computed
             layout = DallETokenizer(random_init=True, **arch)
         for part in paths:
-            _check_layout(states[part], getattr(layout, part), part, labels[part], arch)
+            try:
+                # assign: nothing to copy into meta tensors; the names and shapes are checked
+                getattr(layout, part).load_state_dict(states[part], strict=True, assign=True)
+            except RuntimeError as err:
+                problems = "\n".join(str(err).splitlines()[:7])  # the first few are enough
+                raise DallEConversionError(
+                    f"{labels[part]} does not match the dVAE {part} with {arch}, read off the "
+                    f"shapes: {problems}\nCheck that both files come from the same OpenAI release."
+                ) from None
 
+        converter = _converter_name()
+        config = {"tokenizer": "dall-e", **arch, "downsample": DallETokenizer.downsample}
         for part, file in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
-            tensors = {k: v.detach().float().contiguous() for k, v in states[part].items()}
-            metadata = dict(
-                format="pt",
-                tokenizer="dall-e",
-                part=part,
-                source=sources[part].name,
-                source_sha256=sources[part].sha256,
-                converter=_converter_name(),
-            )
-            save_file(tensors, str(folder / file), metadata)
-        config = {
-            "tokenizer": "dall-e",
-            **arch,
-            "downsample": DallETokenizer.downsample,
-            **{
-                part: {
-                    "file": file,
-                    "params": sources[part].n_params,
-                    "source": sources[part].name,
-                    "source_sha256": sources[part].sha256,
-                }
-                for part, file in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE))
-            },
-            "converter": _converter_name(),
-        }
+            src = sources[part]
+            provenance = {"source": src.name, "source_sha256": src.sha256}
+            metadata = {"format": "pt", "tokenizer": "dall-e", "part": part, **provenance}
+            save_file(states[part], str(folder / file), {**metadata, "converter": converter})
+            config[part] = {"file": file, "params": src.n_params, **provenance}
+        config["converter"] = converter
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         sums = {name: _sha256(folder / name) for name in (CONFIG_FILE, DECODER_FILE, ENCODER_FILE)}
         (folder / SUMS_FILE).write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
