@@ -223,8 +223,10 @@ class DallETokenizer(ImageTokenizer):
                 try:
                     module.load_state_dict(load_file(path), strict=True)
                 except RuntimeError as err:  # a folder without config.json, other architecture
+                    problems = "\n".join(str(err).splitlines()[:4])  # the first few are enough
                     raise ValueError(
-                        f"{path} does not fit the DALL-E architecture {self.architecture}: {err}\n"
+                        f"{path} does not fit the DALL-E architecture {self.architecture}: "
+                        f"{problems}\n"
                         "Pass the n_hid, n_blk_per_group, vocab_size and n_init the weights were "
                         f"made with, or convert them again with `{CONVERT_COMMAND}`, which writes "
                         "the config.json that gives the architecture."
