@@ -29,14 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from cim_models.hub import convert_dall_e
 from cim_models.tokenizers import create_tokenizer
-from cim_models.tokenizers.dall_e import (
-    DallEConversionError,
-    DallEDecoder,
-    DallEEncoder,
-    DallETokenizer,
-    load_openai_module,
-    map_pixels,
-)
+from cim_models.tokenizers.dall_e import DallEDecoder, DallEEncoder, DallETokenizer, map_pixels
+from cim_models.tokenizers.dall_e_openai import DallEConversionError, load_openai_module
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "conversion" / "convert_dall_e.py"

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from cim_models.tokenizers import create_tokenizer
-from cim_models.tokenizers.dall_e import (
+from cim_models.tokenizers.dall_e import DallETokenizer
+from cim_models.tokenizers.dall_e_openai import (
     DallEConversionError,
-    DallETokenizer,
     convert_openai_dall_e,
     openai_cache_folder,
 )

@@ -5,10 +5,10 @@
     cim-convert-dall-e --out DIR --push-to-hub ME/REPO          # push a folder converted before
 
 The conversion itself (the allow-list unpickler, the architecture read off the shapes, the check
-of the converted tokenizer against the unpickled modules) is
-``cim_models.tokenizers.dall_e.convert_openai_dall_e``, which ``DallETokenizer(weights="openai")``
-uses too. This command adds the output folder, written at once (a failed run leaves nothing), the
-report, and the upload. ``--out`` then holds ``encoder.safetensors``, ``decoder.safetensors``,
+of the converted tokenizer against the unpickled modules) is ``convert_openai_dall_e`` in
+``cim_models.tokenizers.dall_e_openai``, which ``DallETokenizer(weights="openai")`` uses too. This
+command adds the output folder, written at once (a failed run leaves nothing), the report, and the
+upload. ``--out`` then holds ``encoder.safetensors``, ``decoder.safetensors``,
 ``config.json`` and ``SHA256SUMS``, which ``DallETokenizer(weights=DIR)`` or, once pushed,
 ``DallETokenizer(weights="ME/REPO")`` load.
 
@@ -28,8 +28,8 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from cim_models.hub.folders import check_output_folder, format_size, publish_folder
-from cim_models.tokenizers.dall_e import (
-    CONVERTED_FILES,
+from cim_models.tokenizers.dall_e import CONVERTED_FILES
+from cim_models.tokenizers.dall_e_openai import (
     DallEConversion,
     DallEConversionError,
     convert_openai_dall_e,
