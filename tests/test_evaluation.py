@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from timm.loss import SoftTargetCrossEntropy
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from transformers import TrainingArguments
 
 from cim_models import CIMForImageClassification, CIMForPreTraining, CIMModel
@@ -20,7 +20,7 @@ from cim_models.evaluation.backbone import (
     load_classifier,
     resolve_source,
 )
-from cim_models.evaluation.cli import eval_main, finetune_main
+from cim_models.evaluation.cli import eval_main, finetune_main, parse_finetune_args
 from cim_models.evaluation.finetune import (
     FINETUNE_PRESETS,
     FinetuneTrainer,
@@ -246,7 +246,7 @@ TINY_RESNET = [
     "--enhancer_kwargs",
     '{"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}',
 ]
-DATA = ["--synthetic_train_samples", "1000", "--synthetic_eval_samples", "300"]
+DATA = ["--synthetic_train_samples", "600", "--synthetic_eval_samples", "200"]
 QUIET = ["--disable_tqdm", "true"]
 
 
@@ -255,13 +255,14 @@ def evaluated(tmp_path_factory):
     """cim-pretrain (FAST, a tiny ResNet), then cim-eval knn, cim-eval linear and cim-finetune."""
     root = tmp_path_factory.mktemp("evaluation")
     run = root / "run"
-    pretrain = [*FAST, *TINY_RESNET, "--output_dir", str(run), "--image_log_steps", "0"]
+    quick = ["--image_log_steps", "0", "--eval_strategy", "no"]  # the kNN monitor has its tests
+    pretrain = [*FAST, *TINY_RESNET, *quick, "--output_dir", str(run)]
     assert pretrain_main(pretrain) == 0
     model = ["--model_name_or_path", str(run / "checkpoint-6")]
     for command in ("knn", "linear"):
         output = ["--num_workers", "0", "--output_dir", str(root / "eval")]
         assert eval_main([command, *model, *DATA, *QUIET, *output]) == 0
-    # The tiny preset with more, smaller steps and no crops: 125 steps of 16 images.
+    # The tiny preset with more, smaller steps and no crops: 75 steps of 16 images.
     recipe = [
         "--per_device_train_batch_size",
         "16",
@@ -295,7 +296,7 @@ def test_the_commands_write_results_with_the_schema(evaluated):
             "split": "validation",
             "num_classes": 10,
         }
-        assert results["num_train_samples"] == 1000 and results["num_eval_samples"] == 300
+        assert results["num_train_samples"] == 600 and results["num_eval_samples"] == 200
         assert set(results["metrics"]) == {"top1", "top5"}
         assert all(0 <= v <= 100 for v in results["metrics"].values())
         assert results["model"].endswith("checkpoint-6") and results["recipe"]
@@ -376,3 +377,51 @@ def test_console_scripts_are_installed():
     assert scripts["cim-eval"] == "cim_models.evaluation.cli:eval_main"
     assert scripts["cim-finetune"] == "cim_models.evaluation.cli:finetune_main"
     assert Path(sys.executable).with_name("cim-eval").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# cim-finetune's flags do what they say
+
+
+def _finetune_args(tmp_path, *flags):
+    return parse_finetune_args(
+        ["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "ft"),
+         *flags]
+    )  # fmt: skip
+
+
+def test_finetune_learning_rate_flags(tmp_path):
+    args = _finetune_args(tmp_path, "--learning_rate", "0.0123")[3]
+    assert args.learning_rate == 0.0123  # an explicit rate is not replaced by the preset's
+    args = _finetune_args(tmp_path, "--per_device_train_batch_size", "32")[3]
+    assert args.learning_rate == pytest.approx(FINETUNE_PRESETS["tiny"]["base_learning_rate"] / 8)
+    args = _finetune_args(tmp_path, "--base_learning_rate", "0.01")[3]
+    assert args.learning_rate == pytest.approx(0.01 * 64 / 256)
+
+
+def test_finetune_optim_and_label_smoothing_factor_are_used(tmp_path):
+    _, _, recipe, args = _finetune_args(
+        tmp_path, "--optim", "sgd", "--label_smoothing_factor", "0.2", "--learning_rate", "0.01"
+    )
+    assert recipe.label_smoothing == 0.2 and args.label_smoothing_factor == 0.0  # smoothed once
+    model = CIMForImageClassification(tiny_config(num_labels=3))
+    optimizer = create_optimizer(model, recipe, args)
+    assert isinstance(optimizer, torch.optim.SGD)
+    rates = _learning_rates(model, optimizer)
+    decay = FINETUNE_PRESETS["tiny"]["layer_decay"]
+    assert rates["classifier.weight"] == 0.01 and rates["enhancer.cls_token"] < 0.01 * decay
+    trainer = FinetuneTrainer(model=model, args=args, recipe=recipe)
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    expected = LabelSmoothingCrossEntropy(0.2)(logits, labels)
+    torch.testing.assert_close(trainer.train_loss_fn(logits, labels), expected)
+    with pytest.raises(SystemExit):  # two names for one setting, disagreeing
+        _finetune_args(tmp_path, "--optim", "sgd", "--optimizer", "lamb")
+
+
+def test_finetune_resumes_from_the_output_folder(tmp_path):
+    checkpoint = tmp_path / "ft" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    assert _finetune_args(tmp_path)[3].resume_from_checkpoint == str(checkpoint)
+    last = _finetune_args(tmp_path, "--resume_from_checkpoint", "last")[3]
+    assert last.resume_from_checkpoint == str(checkpoint)

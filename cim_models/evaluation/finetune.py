@@ -29,15 +29,10 @@ from .backbone import ImageSettings
 # flag given explicitly wins. Learning rates are per 256 images (``base_learning_rate``) and scale
 # linearly with the global batch; at the global batch named in each comment they equal the source's
 # peak rate.
+# fmt: off
 _GPU_RUN = dict(
-    bf16=True,
-    eval_strategy="epoch",
-    save_strategy="epoch",
-    save_total_limit=2,
-    logging_steps=50,
-    per_device_eval_batch_size=256,
-    dataloader_num_workers=10,
-    dataloader_persistent_workers=True,
+    bf16=True, eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, logging_steps=50,
+    per_device_eval_batch_size=256, dataloader_num_workers=10, dataloader_persistent_workers=True,
     max_grad_norm=0.0,  # BEiT and RSB fine-tune without gradient clipping
 )
 # BEiT (Bao et al. 2022) ImageNet-1K fine-tuning of ViT-B/16, the recipe CIM follows (paper,
@@ -47,25 +42,11 @@ _GPU_RUN = dict(
 # erasing 0.25 (pixel mode), bicubic training crops. (BEiT decays to min_lr 1e-6, the Trainer's
 # cosine to 0: a negligible difference.)
 _BEIT = dict(
-    num_train_epochs=100,
-    per_device_train_batch_size=128,
-    base_learning_rate=4e-3 * 256 / 1024,
-    layer_decay=0.65,
-    weight_decay=0.05,
-    drop_path_rate=0.1,
-    warmup_steps=20 / 100,
-    lr_scheduler_type="cosine",
-    optimizer="adamw",
-    adam_beta1=0.9,
-    adam_beta2=0.999,
-    adam_epsilon=1e-8,
-    mixup=0.8,
-    cutmix=1.0,
-    label_smoothing=0.1,
-    auto_augment="rand-m9-mstd0.5-inc1",
-    reprob=0.25,
-    loss="ce",
-    **_GPU_RUN,
+    num_train_epochs=100, per_device_train_batch_size=128, base_learning_rate=4e-3 * 256 / 1024,
+    layer_decay=0.65, weight_decay=0.05, drop_path_rate=0.1, warmup_steps=20 / 100,
+    lr_scheduler_type="cosine", optimizer="adamw", adam_beta1=0.9, adam_beta2=0.999,
+    adam_epsilon=1e-8, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
+    auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, loss="ce", **_GPU_RUN,
 )
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     "vit_base": _BEIT,
@@ -80,25 +61,11 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     # needs its own distributed sampler. No layer decay (RSB trains from scratch); --layer_decay
     # works for ResNets too (stem, then one layer per residual block).
     "resnet50": dict(
-        num_train_epochs=300,
-        per_device_train_batch_size=256,
-        base_learning_rate=5e-3 * 256 / 2048,
-        layer_decay=1.0,
-        weight_decay=0.02,
-        drop_path_rate=0.05,
-        warmup_steps=5 / 300,
-        lr_scheduler_type="cosine",
-        optimizer="lamb",
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-6,
-        mixup=0.1,
-        cutmix=1.0,
-        label_smoothing=0.0,
-        auto_augment="rand-m7-mstd0.5-inc1",
-        reprob=0.0,
-        loss="bce",
-        bce_target_threshold=0.2,
+        num_train_epochs=300, per_device_train_batch_size=256, base_learning_rate=5e-3 * 256 / 2048,
+        layer_decay=1.0, weight_decay=0.02, drop_path_rate=0.05, warmup_steps=5 / 300,
+        lr_scheduler_type="cosine", optimizer="lamb", adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=1e-6, mixup=0.1, cutmix=1.0, label_smoothing=0.0,
+        auto_augment="rand-m7-mstd0.5-inc1", reprob=0.0, loss="bce", bce_target_threshold=0.2,
         **_GPU_RUN,
     ),
     # A CPU run of a few minutes on the built-in 64 px shapes [ours]: the BEiT recipe's structure
@@ -108,33 +75,17 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     # images at 5e-3 per 256: 48% top-1 from the tiny cim-pretrain run (probe 27%); on a 500-step
     # run 49%, against 40% at 2e-3 and 29% after 3 epochs.
     "tiny": dict(
-        num_train_epochs=10,
-        per_device_train_batch_size=64,
-        base_learning_rate=5e-3,
-        layer_decay=0.75,
-        weight_decay=0.05,
-        drop_path_rate=0.1,
-        warmup_steps=0.1,
-        lr_scheduler_type="cosine",
-        optimizer="adamw",
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        mixup=0.0,
-        cutmix=0.0,
-        label_smoothing=0.1,
-        auto_augment=None,
-        color_jitter=0.0,
-        reprob=0.0,
-        min_crop_scale=0.35,
-        loss="ce",
-        max_grad_norm=0.0,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=10,
-        per_device_eval_batch_size=256,
+        num_train_epochs=10, per_device_train_batch_size=64, base_learning_rate=5e-3,
+        layer_decay=0.75, weight_decay=0.05, drop_path_rate=0.1, warmup_steps=0.1,
+        lr_scheduler_type="cosine", optimizer="adamw", adam_beta1=0.9, adam_beta2=0.999,
+        mixup=0.0, cutmix=0.0, label_smoothing=0.1, auto_augment=None, color_jitter=0.0,
+        reprob=0.0, min_crop_scale=0.35, loss="ce", max_grad_norm=0.0, eval_strategy="no",
+        save_strategy="no", logging_steps=10, per_device_eval_batch_size=256,
         dataloader_num_workers=0,
     ),
 }
+
+# fmt: on
 
 
 @dataclass

@@ -21,32 +21,22 @@ from transformers import get_cosine_schedule_with_warmup
 from .metrics import topk_accuracy
 
 # Recipes for ``cim-eval linear --preset``; every value can be overridden by its flag.
+# fmt: off
 LINEAR_PROBE_PRESETS: dict[str, dict] = {
     # MAE (He et al. 2022), appendix A.2, ImageNet linear probing: LARS, base lr 0.1 per 256 images
     # at batch 16384 (lr 6.4), no weight decay, 90 epochs with 10 of warm-up, cosine decay.
-    "mae": dict(
-        optimizer="lars",
-        base_learning_rate=0.1,
-        train_batch_size=16384,
-        epochs=90,
-        warmup_epochs=10,
-        weight_decay=0.0,
-    ),
+    "mae": dict(optimizer="lars", base_learning_rate=0.1, train_batch_size=16384, epochs=90,
+                warmup_epochs=10, weight_decay=0.0),
     # Small data sets on a CPU [ours]: at a few thousand images a batch of 16384 is one step per
     # epoch and LARS' trust ratio (0.001 x |w| / |g|) barely moves a freshly initialised head in 90
     # steps, so plain momentum SGD (LARS without the trust ratio) at lr 1.0 per 256 images on the
     # standardised features, batch 256, 100 epochs (milliseconds each on cached features), warm-up
     # 10, no weight decay. On features of a 500-step tiny cim-pretrain run it fits better than
     # AdamW at 1e-3 (30% vs 23% top-1).
-    "tiny": dict(
-        optimizer="momentum",
-        base_learning_rate=1.0,
-        train_batch_size=256,
-        epochs=100,
-        warmup_epochs=10,
-        weight_decay=0.0,
-    ),
+    "tiny": dict(optimizer="momentum", base_learning_rate=1.0, train_batch_size=256, epochs=100,
+                 warmup_epochs=10, weight_decay=0.0),
 }
+# fmt: on
 
 
 class LinearProbe(nn.Module):
