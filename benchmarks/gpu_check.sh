@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 5's GPU check: CIM step throughput of ViT-B/16 and ResNet-50 ResPix, bf16, batch 128,
-# compiled, on one GPU, against the supervised step of the same stock timm model in the same run.
+# The GPU check of the step throughput targets (benchmarks/README.md): CIM step throughput of
+# ViT-B/16 and ResNet-50 ResPix, bf16, batch 128, compiled, on one GPU, against the supervised step
+# of the same stock timm model in the same run.
 #
 #   bash benchmarks/gpu_check.sh                       # JSON into ./results/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # JSON into $OUT/

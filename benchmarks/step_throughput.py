@@ -88,8 +88,12 @@ STAGE_METHODS = [m for parts in STAGES.values() for m in parts if hasattr(CIMFor
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Defaults that fit the device: the full-size step on a GPU, a one-minute tiny step on a CPU.
 DEVICE_DEFAULTS = {
-    "cuda": dict(preset="vit_base", precision="bf16", batch_size=128, steps=30, warmup=5),
-    "cpu": dict(preset="tiny", precision="fp32", batch_size=16, steps=10, warmup=2),
+    "cuda": dict(
+        preset="vit_base", precision="bf16", batch_size=128, steps=30, warmup=5, breakdown_steps=10
+    ),
+    "cpu": dict(
+        preset="tiny", precision="fp32", batch_size=16, steps=10, warmup=2, breakdown_steps=5
+    ),
 }
 
 
@@ -434,7 +438,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, help="untimed steps of each (compiles); default: 5 GPU, 2 CPU"
     )
-    parser.add_argument("--breakdown-steps", type=int, default=None, help="instrumented CIM steps")
+    parser.add_argument(
+        "--breakdown-steps", type=int, help="instrumented CIM steps; default: 10 GPU, 5 CPU"
+    )
     parser.add_argument("--max-grad-norm", type=float, default=3.0, help="0 turns clipping off")
     parser.add_argument(
         "--check-tokens",
@@ -452,8 +458,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+            if name == "breakdown_steps":  # a default never outnumbers the timed steps
+                args.breakdown_steps = max(1, min(value, args.steps))
     args.rounds = min(args.rounds or min(args.steps, 10), args.steps)
-    args.breakdown_steps = args.breakdown_steps or max(1, min(args.steps, 10))
     return args
 
 

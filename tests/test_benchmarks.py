@@ -74,6 +74,10 @@ def test_step_benchmark_writes_every_number_as_json(tmp_path):
 def test_defaults_fit_the_device():
     cpu = parse_args(["--device", "cpu"])
     assert (cpu.preset, cpu.precision, cpu.batch_size, cpu.steps) == ("tiny", "fp32", 16, 10)
+    assert (
+        cpu.breakdown_steps == 5
+        and parse_args(["--device", "cpu", "--steps", "3"]).breakdown_steps == 3
+    )
     gpu = parse_args(["--device", "cuda"])
     assert (gpu.preset, gpu.precision, gpu.batch_size, gpu.steps) == ("vit_base", "bf16", 128, 30)
     flags = parse_args(["--device", "cuda", "--preset", "resnet50", "--batch-size", "64"])

@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cim_models import CIMConfig, CIMForPreTraining, sample_tokens
+from cim_models import CIMConfig, CIMForPreTraining, pretraining, sample_tokens
 from cim_models.masking import masked_indices
 from cim_models.objectives import sliding_window_normalize
-from cim_models.tokenizers import unmap_pixels
+from cim_models.tokenizers import PaletteTokenizer, unmap_pixels
 from tests.tiny import tiny_batch, tiny_config
 
 COMBINATIONS = [
@@ -14,7 +14,10 @@ COMBINATIONS = [
 ]
 
 
-@pytest.mark.parametrize("objective,enhancer", COMBINATIONS)
+# Training a ResNet is the slow part of this file: one objective covers its head's gradients.
+@pytest.mark.parametrize(
+    "objective,enhancer", [c for c in COMBINATIONS if c != ("revdet", "resnet")]
+)
 def test_loss_goes_down_on_a_fixed_batch(make_tiny_model, objective, enhancer):
     model = make_tiny_model(objective, enhancer)
     batch = tiny_batch(model, batch_size=8)
@@ -208,6 +211,86 @@ def test_tokenizer_weights_saved_when_asked(make_tiny_model, tmp_path):
         reloaded.tokenizer.encoder.blocks.input.w, model.tokenizer.encoder.blocks.input.w
     )
     assert not any(p.requires_grad for p in reloaded.tokenizer.parameters())
+
+
+class _FittedPalette(PaletteTokenizer):
+    """Stand-in for a data-fitted tokenizer: its colour table comes from ``fit``, so no source can
+    rebuild it and it must travel in the model's checkpoint."""
+
+    weights_in_checkpoint = True
+
+    def __init__(self, cell_size: int = 8, levels: int = 8):
+        super().__init__(cell_size, levels)
+        self.register_buffer("table", torch.zeros(self.vocab_size, 3))  # (V, RGB)
+        self.gain = torch.nn.Parameter(torch.ones(()))  # a parameter too, which must stay frozen
+        self.freeze()
+
+    def fit(self, seed: int) -> "_FittedPalette":
+        self.table.copy_(
+            torch.rand(self.table.shape, generator=torch.Generator().manual_seed(seed))
+        )
+        return self
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        cells = (self.table[ids.long()] * self.gain).permute(0, 3, 1, 2)  # (B, 3, h, w)
+        return cells.repeat_interleave(self.downsample, 2).repeat_interleave(self.downsample, 3)
+
+
+@pytest.fixture
+def build_tokenizer_as_fitted_palette(monkeypatch):
+    """from_pretrained builds the tokenizer from the config (on the meta device): make that the
+    stand-in, unfitted."""
+    monkeypatch.setattr(
+        pretraining, "create_tokenizer", lambda name, weights=None, **kw: _FittedPalette(**kw)
+    )
+
+
+def test_fitted_tokenizer_weights_travel_in_the_checkpoint(
+    tmp_path, build_tokenizer_as_fitted_palette
+):
+    torch.manual_seed(0)
+    model = CIMForPreTraining(tiny_config("revdet"), tokenizer=_FittedPalette().fit(seed=3))
+    assert not model.config.save_tokenizer_weights and model.saves_tokenizer_weights
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(saved["tokenizer.table"], model.tokenizer.table)
+
+    reloaded = CIMForPreTraining.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.tokenizer.table, model.tokenizer.table)
+    assert reloaded.tokenizer.table.abs().sum() > 0  # the fitted table, not a fresh one
+    assert not any(p.requires_grad for p in reloaded.tokenizer.parameters())
+    assert not reloaded.tokenizer.training
+    batch = tiny_batch(model)
+    torch.manual_seed(1)
+    expected = model(**batch).corrupted_pixel_values
+    torch.manual_seed(1)
+    torch.testing.assert_close(reloaded(**batch).corrupted_pixel_values, expected, rtol=0, atol=0)
+
+
+def test_fitted_tokenizer_missing_from_the_checkpoint_is_a_clear_error(
+    tmp_path, build_tokenizer_as_fitted_palette
+):
+    # A checkpoint of the weightless palette has no tokenizer.* tensors.
+    CIMForPreTraining(tiny_config("revdet"), tokenizer=PaletteTokenizer()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no tokenizer.* weights.*exist only in checkpoints"):
+        CIMForPreTraining.from_pretrained(tmp_path)
+
+
+def test_codebook_tokenizer_reloads_from_the_checkpoint(tmp_path):
+    codebook = pytest.importorskip("cim_models.tokenizers.codebook")
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokenizer = codebook.CodebookTokenizer(vocab_size=16, cell_size=8)
+    tokenizer.fit(images, num_iterations=2, progress=False)
+    kwargs = dict(vocab_size=16, cell_size=8)
+    model = CIMForPreTraining(
+        tiny_config("revdet", tokenizer="codebook", tokenizer_kwargs=kwargs), tokenizer=tokenizer
+    )
+    model.save_pretrained(tmp_path)
+    reloaded = CIMForPreTraining.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.tokenizer.centroids, tokenizer.centroids)
+    assert not any(p.requires_grad for p in reloaded.tokenizer.parameters())
+    assert torch.equal(reloaded.tokenizer.encode(images), tokenizer.encode(images))
 
 
 def test_tokenizer_stays_out_of_trainable_parameters(make_tiny_model):
