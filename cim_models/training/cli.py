@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
 from ..configuration_cim import CIMConfig
@@ -25,6 +26,7 @@ from ..data import (
     TwoViewTransform,
     argument,
     create_eval_transform,
+    derive_seed,
     load_split,
 )
 from ..data import DataArguments as _DataArguments
@@ -205,6 +207,30 @@ def load_enhancer_weights(model: CIMForPreTraining, name: str) -> None:
     logger.info("Enhancer initialised from %s", name)
 
 
+def fit_tokenizer(
+    model: CIMForPreTraining,
+    train,
+    collator: CIMDataCollator,
+    num_images: int,
+    args: CIMTrainingArguments,
+) -> None:
+    """Fit a data-fitted tokenizer (the codebook) that is not fitted yet on the tokenizer views of
+    ``num_images`` training images. Every process fits the same codebook: same images, same seed."""
+    tokenizer = model.tokenizer
+    if not hasattr(tokenizer, "fit") or bool(getattr(tokenizer, "fitted", True)):
+        return
+    count = min(num_images, len(train))
+    progress = args.process_index == 0 and not args.disable_tqdm
+    views = []
+    for start in tqdm(range(0, count, 256), desc="Tokenizer views", disable=not progress):
+        items = [
+            {**train[i], "seed": derive_seed(args.seed, i, 0, 0)}  # 4 keys: not a sample seed
+            for i in range(start, min(start + 256, count))
+        ]
+        views.append(collator(items)["tokenizer_pixel_values"])  # (b, 3, T, T) in [0, 1]
+    tokenizer.fit(torch.cat(views), seed=args.seed, progress=progress)
+
+
 def load_datasets(data_args: DataArguments, image_size: int):
     """(train, labelled evaluation or None, kNN bank or None): datasets of {"image", ["label"]}."""
     train = load_split(data_args, "train", image_size)
@@ -254,6 +280,8 @@ def build_trainer(
         scale=(data_args.min_crop_scale, 1.0),
     )
     collator = CIMDataCollator(two_views, masking)
+    if not training_args.resume_from_checkpoint:  # a checkpoint holds the fitted tokenizer
+        fit_tokenizer(model, train, collator, model_args.tokenizer_fit_samples, training_args)
     knn_collator = ClassificationCollator(
         create_eval_transform(config.image_size, config.image_mean, config.image_std)
     )
@@ -300,19 +328,56 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_model()
     trainer.save_state()
     final = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    held_out = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
+    majority = trainer.majority_token_rate(held_out)  # every process joins its forwards
     if trainer.is_world_process_zero():
-        _print_summary(trainer, result, final, grids, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        _print_summary(trainer, result, final, majority, grids, seconds)
     return 0
 
 
-def _print_summary(trainer: CIMTrainer, result, final: dict, grids, seconds: float) -> None:
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _did_it_help(trainer: CIMTrainer, final: dict, last: dict, majority: float) -> list[str]:
+    """Whether pre-training helped: the enhancer's kNN top-1 on the held-out split, trained vs
+    untrained, and the generator's masked-token accuracy against chance."""
+    lines = []
+    trained, untrained = final.get("eval_knn_top1"), trainer.knn_baseline
+    if trained is not None and untrained is not None:
+        verdict = "better" if trained > untrained else "NOT better"
+        lines.append(
+            f"  kNN top-1 (k={trainer.args.knn_k}, pooled feature, held-out split): "
+            f"{trained:.4f} trained vs {untrained:.4f} untrained: the enhancer's features are "
+            f"{verdict} after pre-training"
+        )
+    elif trained is not None:
+        lines.append(f"  kNN top-1 (k={trainer.args.knn_k}): {trained:.4f}")
+    where = "held-out split" if "eval_generator_accuracy" in final else "last training window"
+    accuracy = final.get("eval_generator_accuracy", last.get("generator_accuracy"))
+    if accuracy is not None:
+        vocab = trainer.accelerator.unwrap_model(trainer.model).config.vocab_size
+        chance = max(1 / vocab, majority)
+        verdict = "beats" if accuracy > chance else "does NOT beat"
+        lines.append(
+            f"  generator masked-token accuracy ({where}): {accuracy:.4f}; chance 1/{vocab} = "
+            f"{1 / vocab:.4f}, the most common token {majority:.4f}: the generator {verdict} "
+            "chance"
+        )
+    return lines
+
+
+def _print_summary(
+    trainer: CIMTrainer, result, final: dict, majority: float, grids, seconds: float
+) -> None:
     history = [entry for entry in trainer.state.log_history if "generator_loss" in entry]
     last = history[-1] if history else {}
     lines = [
         "",
         "CIM pre-training finished",
         (
-            f"  steps: {trainer.state.global_step} in {seconds / 60:.1f} min; final training loss "
+            f"  steps: {trainer.state.global_step} in {_duration(seconds)}; final training loss "
             f"{result.training_loss:.4f}; learning rate {trainer.args.learning_rate:g}"
         ),
     ]
@@ -325,12 +390,7 @@ def _print_summary(trainer: CIMTrainer, result, final: dict, grids, seconds: flo
     ):
         if name in last:
             lines.append(f"  {name} (last logging window): {last[name]:.4f}")
-    if "eval_knn_top1" in final:
-        baseline = trainer.knn_baseline
-        lines.append(
-            f"  kNN top-1 (k={trainer.args.knn_k}): {final['eval_knn_top1']:.4f}"
-            + (f" vs {baseline:.4f} untrained" if baseline is not None else "")
-        )
+    lines += _did_it_help(trainer, final, last, majority)
     skipped = getattr(trainer.train_dataset, "skipped_files", None)
     if skipped:
         lines.append(

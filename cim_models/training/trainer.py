@@ -89,6 +89,8 @@ class CIMTrainer(Trainer):
         )
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_steps = 0
+        self._eval_sums: dict[str, torch.Tensor] = {}
+        self._eval_steps = 0
         self._nonfinite_in_window = False
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
@@ -141,18 +143,19 @@ class CIMTrainer(Trainer):
     # ---------------------------------------------------------------------------------- the step
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {
-            k: v for k, v in inputs.items() if k != "labels"
-        }  # labels feed the kNN monitor only
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}  # labels: kNN monitor only
         outputs = model(**inputs)
+        # Summed on the device, read once per logging window or evaluation: the step never waits
+        # on the host.
+        sums = self._metric_sums if model.training else self._eval_sums
+        for name in LOGGED_METRICS:
+            value = getattr(outputs, name)
+            if value is not None:
+                sums[name] = sums.get(name, 0) + value.detach().float()
         if model.training:
-            # Summed on the device, read once per logging window: the step never waits on the host.
-            for name in LOGGED_METRICS:
-                value = getattr(outputs, name)
-                if value is not None:
-                    value = value.detach().float()
-                    self._metric_sums[name] = self._metric_sums.get(name, 0) + value
             self._metric_steps += 1
+        else:
+            self._eval_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -298,17 +301,45 @@ class CIMTrainer(Trainer):
             yield
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        metrics = {}
+        """The Trainer's evaluation (CIM losses), plus the means of the step's metrics
+        (``eval_generator_accuracy``, ...) and the kNN monitor's ``eval_knn_top1``."""
+        metrics, extra = {}, {}
         if eval_dataset is not None or self.eval_dataset is not None:
-            with torch.random.fork_rng(
-                devices=[self.args.device] if self.args.device.type == "cuda" else []
-            ):
+            devices = [self.args.device] if self.args.device.type == "cuda" else []
+            self._eval_sums, self._eval_steps = {}, 0
+            with torch.random.fork_rng(devices=devices):
                 metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            if self._eval_steps:
+                names = sorted(self._eval_sums)
+                means = torch.stack([self._eval_sums[n] for n in names]) / self._eval_steps
+                means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+                extra = {f"{metric_key_prefix}_{n}": v for n, v in zip(names, means.tolist())}
         accuracy = self.knn_top1()
         if accuracy is not None:
-            metrics[f"{metric_key_prefix}_knn_top1"] = accuracy
-            self.log({f"{metric_key_prefix}_knn_top1": accuracy})
+            extra[f"{metric_key_prefix}_knn_top1"] = accuracy
+        if extra:
+            metrics.update(extra)
+            self.log(extra)
         return metrics
+
+    @torch.no_grad()
+    def majority_token_rate(self, dataset: Dataset, max_images: int = 512) -> float:
+        """How often the most common token fills a masked position, over up to ``max_images``
+        images of ``dataset`` (seeded views): the accuracy of always guessing one token, the
+        chance level a generator must beat besides ``1 / vocab_size``. Every process joins."""
+        model = self.accelerator.unwrap_model(self.model)
+        count = min(max_images, len(dataset))
+        items = [{**dataset[i], "seed": i} for i in range(count)]
+        counts = torch.zeros(model.config.vocab_size, dtype=torch.long)
+        with self._full_parameters():
+            for start in range(0, count, self.args.per_device_eval_batch_size):
+                batch = self.data_collator(
+                    items[start : start + self.args.per_device_eval_batch_size]
+                )
+                ids = model.tokenize(batch["tokenizer_pixel_values"].to(self.args.device))
+                masked = ids.flatten(1)[batch["bool_masked_pos"].flatten(1).to(ids.device)]
+                counts += torch.bincount(masked.cpu(), minlength=counts.numel())
+        return counts.max().item() / max(counts.sum().item(), 1)
 
     def log_knn_baseline(self) -> None:
         """Log the untrained enhancer's kNN accuracy at step 0 (kept as ``knn_baseline``)."""
