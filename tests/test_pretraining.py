@@ -12,14 +12,17 @@ from tests.tiny import tiny_batch, tiny_config
 COMBINATIONS = [
     (objective, enhancer) for objective in ("respix", "revdet") for enhancer in ("vit", "resnet")
 ]
+# A ResNet-50 with one block per stage still ends 2048 channels wide; a narrow one trains 7x faster.
+NARROW_RESNET = dict(enhancer_kwargs=dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128)))
 
 
-# Training a ResNet is the slow part of this file: one objective covers its head's gradients.
-@pytest.mark.parametrize(
-    "objective,enhancer", [c for c in COMBINATIONS if c != ("revdet", "resnet")]
-)
+def _narrow(enhancer: str) -> dict:
+    return NARROW_RESNET if enhancer == "resnet" else {}
+
+
+@pytest.mark.parametrize("objective,enhancer", COMBINATIONS)
 def test_loss_goes_down_on_a_fixed_batch(make_tiny_model, objective, enhancer):
-    model = make_tiny_model(objective, enhancer)
+    model = make_tiny_model(objective, enhancer, **_narrow(enhancer))
     batch = tiny_batch(model, batch_size=8)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-3)
@@ -39,7 +42,7 @@ def test_loss_goes_down_on_a_fixed_batch(make_tiny_model, objective, enhancer):
 
 @pytest.mark.parametrize("objective,enhancer", COMBINATIONS)
 def test_output_fields(make_tiny_model, objective, enhancer):
-    model = make_tiny_model(objective, enhancer)
+    model = make_tiny_model(objective, enhancer, **_narrow(enhancer))
     output = model(**tiny_batch(model))
     torch.testing.assert_close(
         output.loss,
@@ -341,7 +344,7 @@ def test_bad_configs_get_clear_errors():
 
 @pytest.mark.parametrize("enhancer", ["vit", "resnet"])
 def test_activation_checkpointing_changes_neither_loss_nor_gradients(make_tiny_model, enhancer):
-    model = make_tiny_model("respix", enhancer)
+    model = make_tiny_model("respix", enhancer, **_narrow(enhancer))
     batch = tiny_batch(model)
 
     def loss_and_grads():
