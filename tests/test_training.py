@@ -308,3 +308,38 @@ def test_optimizer_groups(tmp_path):
     assert by_name["generator.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(0.5 * enhancer_lr)
     first = names[id(optimizer.param_groups[0]["params"][0])]
     assert first.startswith("enhancer")  # the logged learning rate is the enhancer's
+
+
+# --------------------------------------------------------------------------------------------------
+# Starting from weights
+
+
+def test_model_name_or_path_continues_a_pre_training_checkpoint(pretrained, tmp_path):
+    run, _ = pretrained
+    args = [*FAST, "--model_name_or_path", str(run / "checkpoint-6")]
+    trainer, _ = build_trainer(*parse_args([*args, "--output_dir", str(tmp_path)]))
+    saved = _weights(run / "checkpoint-6")
+    state = trainer.model.state_dict()
+    for key in ("enhancer.cls_token", "generator.blocks.0.attn.qkv.weight", "tokenizer.centroids"):
+        assert torch.equal(state[key], saved[key]), key
+
+
+def test_model_name_or_path_starts_the_enhancer_from_timm_weights(tmp_path, monkeypatch):
+    import timm
+    from timm.models import save_for_hf
+
+    from tests.hub_cache import populate_hf_cache
+
+    sizes = dict(depth=2, patch_size=8, embed_dim=64, num_heads=2, img_size=64)
+    source = timm.create_model("cim_vit_tiny_patch16_224", num_classes=0, **sizes)
+    save_for_hf(source, str(tmp_path / "repo"))
+    populate_hf_cache("cim-test/backbone", tmp_path / "repo", tmp_path / "hub")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = [*FAST, "--model_name_or_path", "hf-hub:cim-test/backbone"]
+    trainer, _ = build_trainer(*parse_args([*args, "--output_dir", str(tmp_path / "run")]))
+    enhancer = trainer.model.enhancer.state_dict()
+    for key, value in source.state_dict().items():
+        assert torch.equal(enhancer[key], value), key
+    args = [*FAST, "--model_name_or_path", "hf-hub:cim-test/missing"]
+    with pytest.raises(ValueError, match="timm could not load"):
+        build_trainer(*parse_args([*args, "--output_dir", str(tmp_path / "run2")]))

@@ -80,10 +80,27 @@ def resolve_learning_rate(
         return f"learning_rate = {args.learning_rate:g} ({source})"
     batch = global_batch_size(args)
     args.learning_rate = base_learning_rate * batch / 256
+    _refill_deepspeed_auto(args)
     return (
         f"learning_rate = {args.learning_rate:g} (base_learning_rate {base_learning_rate:g} per "
         f"256 images x global batch {batch} / 256)"
     )
+
+
+def _refill_deepspeed_auto(args: TrainingArguments) -> None:
+    """Fill a DeepSpeed config's ``"auto"`` values again, from the resolved learning rate.
+
+    ``TrainingArguments`` fills them when it is built, which is before the learning rate is scaled;
+    a config with an ``"optimizer"`` or ``"scheduler"`` block would then run at the unscaled rate.
+    """
+    if not args.deepspeed:
+        return
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
+    args.hf_deepspeed_config.trainer_config_process(args)
+    args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
 
 
 def find_last_checkpoint(output_dir: str | os.PathLike) -> str | None:
