@@ -50,6 +50,7 @@ if __name__ == "__main__":
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_state()  # trainer_state.json with the logged losses (main process)
     rank, folder = trainer.args.process_index, trainer.args.output_dir
+    draws["sampler_epoch"] = torch.tensor(trainer.seeded_sampler.epoch)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not trainer.is_fsdp_enabled:
         # One fixed batch (same images, crops and masks on every rank): only the step's own

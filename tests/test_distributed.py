@@ -86,6 +86,8 @@ def test_two_process_resume_mid_epoch_ends_bitwise_equal(two_process_run, tmp_pa
     different = [key for key in full if not torch.equal(full[key], resumed[key])]
     print(f"tensors differing after the resume: {len(different)} of {len(full)}")
     assert different == []
+    draws = load_file(killed / "rank1_draws.safetensors")
+    assert draws["sampler_epoch"].item() == 1  # the resumed run shuffled epoch 1 as epoch 1
 
 
 @pytest.mark.slow

@@ -144,6 +144,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(pretrained, t
     trainer, _ = build_trainer(*args)
     trainer.train(resume_from_checkpoint=args[2].resume_from_checkpoint)
     assert trainer.state.epoch > 1  # crossed an epoch boundary after resuming
+    assert trainer.seeded_sampler.epoch == 1  # and shuffled epoch 1 as epoch 1
     uninterrupted, resumed = _weights(full / "checkpoint-6"), _weights(killed / "checkpoint-6")
     assert uninterrupted.keys() == resumed.keys()
     different = [key for key in uninterrupted if not torch.equal(uninterrupted[key], resumed[key])]
@@ -343,3 +344,24 @@ def test_model_name_or_path_starts_the_enhancer_from_timm_weights(tmp_path, monk
     args = [*FAST, "--model_name_or_path", "hf-hub:cim-test/missing"]
     with pytest.raises(ValueError, match="timm could not load"):
         build_trainer(*parse_args([*args, "--output_dir", str(tmp_path / "run2")]))
+
+
+def test_image_grids_go_through_the_trainers_tensorboard_writer(tmp_path):
+    from cim_models.training.callbacks import ImageGridCallback
+    from tests.tiny import tiny_batch, tiny_model
+
+    class Writer:
+        def __init__(self):
+            self.images = []
+
+        def add_image(self, tag, image, step):
+            self.images.append((tag, tuple(image.shape), step))
+
+    writer = Writer()
+    handler = type("Handler", (), {"callbacks": [type("TB", (), {"tb_writer": writer})()]})()
+    model = tiny_model(objective="revdet")
+    grids = ImageGridCallback(tiny_batch(model, batch_size=2), 5, str(tmp_path), handler)
+    assert grids.save(model, 5, write=False) is None and not (tmp_path / "image_grids").exists()
+    path = grids.save(model, 10)
+    assert Image.open(path).size == (3 * 64, 2 * 64)
+    assert writer.images == [("image_grid", (3, 2 * 64, 3 * 64), 10)]  # one writer: the Trainer's

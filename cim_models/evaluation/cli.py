@@ -30,6 +30,7 @@ from ..training.arguments import (
     global_batch_size,
     parse_known,
     prepare_output_dir,
+    quiet_replicas,
     resolve_learning_rate,
     use_fast_cpu_math,
 )
@@ -374,7 +375,7 @@ def _resolve_recipe(recipe: RecipeArguments, args: RunArguments, explicit: set[s
 def finetune_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     model_args, data_args, recipe, training_args = parse_finetune_args(argv)
-    logging.getLogger("cim_models").setLevel(training_args.get_process_log_level())
+    quiet_replicas(training_args)
     use_fast_cpu_math(training_args)
     try:
         trainer, data, source = build_finetune(model_args, data_args, recipe, training_args)

@@ -28,6 +28,7 @@ __all__ = [
     "global_batch_size",
     "parse_known",
     "prepare_output_dir",
+    "quiet_replicas",
     "resolve_learning_rate",
     "use_fast_cpu_math",
 ]
@@ -181,6 +182,12 @@ def _has_results(folder: str) -> bool:
     # Folders the run writes before its first checkpoint (logs, its own config) do not count.
     ignored = {"runs", "cim_pretrain_config.json", "image_grids"}
     return any(name not in ignored and not name.startswith(".") for name in os.listdir(folder))
+
+
+def quiet_replicas(args: TrainingArguments) -> None:
+    """Only the main process logs at INFO; the others keep to warnings (one copy of each line)."""
+    if not args.should_log:
+        logging.getLogger("cim_models").setLevel(logging.WARNING)
 
 
 def use_fast_cpu_math(args: TrainingArguments) -> None:

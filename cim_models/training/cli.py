@@ -37,6 +37,7 @@ from .arguments import (
     find_last_checkpoint,
     parse_known,
     prepare_output_dir,
+    quiet_replicas,
     resolve_learning_rate,
     use_fast_cpu_math,
 )
@@ -315,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
     model_args, data_args, training_args = parse_args(argv)
-    # Only the main process speaks at INFO; the others keep to warnings (transformers' rule).
-    logging.getLogger("cim_models").setLevel(training_args.get_process_log_level())
+    quiet_replicas(training_args)
     use_fast_cpu_math(training_args)
     trainer, grids = build_trainer(model_args, data_args, training_args)
     started = time.perf_counter()

@@ -82,11 +82,9 @@ class CIMTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.knn_bank_dataset, self.knn_eval_dataset, self.knn_collator = (
-            knn_bank_dataset,
-            knn_eval_dataset,
-            knn_collator,
-        )
+        self.knn_bank_dataset = knn_bank_dataset
+        self.knn_eval_dataset = knn_eval_dataset
+        self.knn_collator = knn_collator
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_steps = 0
         self._eval_sums: dict[str, torch.Tensor] = {}
@@ -235,13 +233,18 @@ class CIMTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._metric_steps:  # a training log: add the window's averages
-            names = sorted(self._metric_sums)
-            means = torch.stack([self._metric_sums[n] for n in names]) / self._metric_steps
-            means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
-            logs.update({name: round(value, 4) for name, value in zip(names, means.tolist())})
+            means = self._means(self._metric_sums, self._metric_steps)
+            logs.update({name: round(value, 4) for name, value in means.items()})
             logs["nonfinite_steps"] = self.nonfinite_steps
             self._metric_sums, self._metric_steps = {}, 0
         super().log(logs, start_time)
+
+    def _means(self, sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+        """Per-step means of summed metrics, averaged over the processes (one host sync)."""
+        names = sorted(sums)
+        means = torch.stack([sums[n] for n in names]) / steps
+        means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
+        return dict(zip(names, means.tolist()))
 
     # ---------------------------------------------------------------------------------- kNN monitor
 
@@ -310,10 +313,8 @@ class CIMTrainer(Trainer):
             with torch.random.fork_rng(devices=devices):
                 metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             if self._eval_steps:
-                names = sorted(self._eval_sums)
-                means = torch.stack([self._eval_sums[n] for n in names]) / self._eval_steps
-                means = self.accelerator.reduce(means.to(self.args.device), reduction="mean")
-                extra = {f"{metric_key_prefix}_{n}": v for n, v in zip(names, means.tolist())}
+                means = self._means(self._eval_sums, self._eval_steps)
+                extra = {f"{metric_key_prefix}_{name}": value for name, value in means.items()}
         accuracy = self.knn_top1()
         if accuracy is not None:
             extra[f"{metric_key_prefix}_knn_top1"] = accuracy
