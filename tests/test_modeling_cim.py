@@ -40,7 +40,8 @@ def test_cim_model_outputs_are_the_timm_enhancers_features_and_pooled_features(e
         # The mean of the patch tokens after the final norm: the class token is never trained.
         torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state[:, 1:].mean(1))
     else:
-        assert outputs.last_hidden_state.shape == (2, 2048, 2, 2)
+        # The stride-32 map of the 64 px input, as wide as the last stage.
+        assert outputs.last_hidden_state.shape == (2, model.enhancer.num_features, 2, 2)
         torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state.mean((2, 3)))
     assert outputs.pooler_output.shape == (2, model.enhancer.num_features)
     assert model.config.hidden_size == model.enhancer.num_features
@@ -87,7 +88,8 @@ def test_hidden_states_are_the_embeddings_and_every_blocks_tokens():
     resnet = CIMModel(tiny_config(enhancer="resnet")).eval()
     with torch.no_grad():
         maps = resnet(pixel_values=x, output_hidden_states=True).hidden_states
-    assert [m.shape[1] for m in maps] == [64, 256, 512, 1024, 2048]
+    assert [m.shape[1] for m in maps] == [info["num_chs"] for info in resnet.enhancer.feature_info]
+    assert [m.shape[-1] for m in maps] == [32, 16, 8, 4, 2]  # strides 2, 4, 8, 16, 32 of 64 px
 
 
 def test_auto_classes_give_the_cim_classes():

@@ -3,7 +3,7 @@
 import torch
 
 TINY_VIT = dict(depth=2, embed_dim=64, num_heads=2)
-TINY_RESNET = dict(layers=(1, 1, 1, 1))
+TINY_RESNET = dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128))
 TINY_DALL_E = dict(random_init=True, n_hid=16, n_blk_per_group=1, vocab_size=512, n_init=32)
 
 
@@ -36,8 +36,12 @@ def tiny_batch(model, batch_size=4, seed=0):
     from cim_models import BlockMaskingGenerator
 
     rng = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch_size, 3, model.config.image_size, model.config.image_size, generator=rng)
-    tokenizer_view = torch.nn.functional.interpolate(images, size=model.tokenizer_image_size, mode="area")
+    images = torch.rand(
+        batch_size, 3, model.config.image_size, model.config.image_size, generator=rng
+    )
+    tokenizer_view = torch.nn.functional.interpolate(
+        images, size=model.tokenizer_image_size, mode="area"
+    )
     masking = BlockMaskingGenerator(model.config.grid_size, model.config.num_mask_patches)
     masks = torch.stack([masking(rng) for _ in range(batch_size)])
     return {
@@ -45,7 +49,6 @@ def tiny_batch(model, batch_size=4, seed=0):
         "tokenizer_pixel_values": tokenizer_view,
         "bool_masked_pos": masks,
     }
-
 
 
 def tiny_model(objective="respix", enhancer="vit", tokenizer="palette", seed=0, **overrides):
