@@ -150,12 +150,16 @@ def pretrain(
     ]  # fmt: skip
     recorder = FitTimeRecorder()
     codebook_logger = logging.getLogger("cim_models.tokenizers.codebook")
+    # cim-pretrain quiets the package's loggers below warnings; the fit's INFO line is wanted here.
+    level = codebook_logger.level
+    codebook_logger.setLevel(logging.INFO)
     codebook_logger.addHandler(recorder)
     started = time.perf_counter()
     try:
         status = pretrain_main(argv)
     finally:
         codebook_logger.removeHandler(recorder)
+        codebook_logger.setLevel(level)
     seconds = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"cim-pretrain {' '.join(argv)} failed with status {status}.")
