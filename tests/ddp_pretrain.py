@@ -51,6 +51,8 @@ if __name__ == "__main__":
     trainer.save_state()  # trainer_state.json with the logged losses (main process)
     rank, folder = trainer.args.process_index, trainer.args.output_dir
     draws["sampler_epoch"] = torch.tensor(trainer.seeded_sampler.epoch)
+    # Every process joins the forwards of the end-of-run summary too.
+    draws["majority_token_rate"] = torch.tensor(trainer.majority_token_rate(trainer.train_dataset))
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not trainer.is_fsdp_enabled:
         # One fixed batch (same images, crops and masks on every rank): only the step's own

@@ -100,6 +100,9 @@ def test_fsdp2_with_knn_monitor_and_image_grids(tmp_path):
     history = json.loads((run / "trainer_state.json").read_text())["log_history"]
     knn = [h["eval_knn_top1"] for h in history if "eval_knn_top1" in h]
     assert len(knn) >= 3 and all(0 <= value <= 1 for value in knn)  # baseline, step 2, step 4
+    assert not (run / "rank0.safetensors").exists()  # the script saw FSDP enabled
+    rates = [load_file(run / f"rank{r}_draws.safetensors")["majority_token_rate"] for r in (0, 1)]
+    assert 0 < rates[0].item() == rates[1].item() < 1
     assert sorted(p.name for p in (run / "image_grids").iterdir()) == [
         "step_0000002.png",
         "step_0000004.png",
