@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HOME", _CACHE)
 os.environ.setdefault("HF_HUB_CACHE", os.path.join(_CACHE, "hub"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
