@@ -318,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ["--tokenizer_weights", str(args.codebook_weights)]
             run.update(pretrain(args, tokenizer, objective, train_dir, run_dir, extra))
             if extra:
-                run["codebook"] = f"fitted by this script (seed {args.seed}), --tokenizer_weights"
+                run["codebook"] = "script"  # fitted here on the full 64 px training images
                 run["codebook_fit_seconds"] = codebook_fit_seconds
+            elif tokenizer == "codebook":
+                run["codebook"] = "cim-pretrain"  # fitted at the run's start on tokenizer views
             if export_main(["--checkpoint", str(run_dir), "--out", str(export_dir)]) != 0:
                 raise SystemExit(f"cim-export of {run_dir} failed.")
             trained_model = timm.create_model(f"local-dir:{export_dir}", pretrained=True)
@@ -384,7 +386,10 @@ def table(results: dict) -> str:
     for run in results["runs"]:
         for name, metrics in run["features"].items():
             knn, linear = metrics["knn"], metrics["linear"]
-            cells = [run["tokenizer"], run["objective"], name]
+            tokenizer = run["tokenizer"]
+            if "codebook" in run:
+                tokenizer += f" ({run['codebook']} fit)"
+            cells = [tokenizer, run["objective"], name]
             cells += [f"{100 * knn['untrained']:.1f}", _marked(knn)]
             cells += [f"{100 * linear['untrained']:.1f}", _marked(linear)]
             lines.append("| " + " | ".join(cells) + " |")
