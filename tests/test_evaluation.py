@@ -29,6 +29,7 @@ from cim_models.evaluation.finetune import (
     create_optimizer,
 )
 from cim_models.evaluation.results import FORMAT, card_results, read_results
+from cim_models.hub.export import export
 from cim_models.training.cli import main as pretrain_main
 from tests.hub_cache import populate_hf_cache
 from tests.test_training import FAST
@@ -177,15 +178,18 @@ def test_every_model_source_loads_the_same_backbone(tmp_path, monkeypatch):
     pretraining = CIMForPreTraining(tiny_config(objective="revdet"))
     checkpoint = tmp_path / "run" / "checkpoint-4"
     pretraining.save_pretrained(checkpoint)  # enhancer.*, generator.*, enhancer_head.*
-    exported = tmp_path / "exported"  # as export_checkpoint.py writes it: timm key names
-    pretraining.config.save_pretrained(exported)
+    exported = tmp_path / "exported"  # what cim-export writes: timm's config and key names
+    export(checkpoint, exported)
+    saved = tmp_path / "saved"  # a backbone saved with save_pretrained
     enhancer_state = {k: v.contiguous() for k, v in pretraining.enhancer.state_dict().items()}
-    save_file(enhancer_state, str(exported / "model.safetensors"), metadata={"format": "pt"})
+    pretraining.config.save_pretrained(saved)
+    save_file(enhancer_state, str(saved / "model.safetensors"), metadata={"format": "pt"})
     cache = tmp_path / "hub"
     populate_hf_cache("cim-test/tiny", exported, cache)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
 
-    for source in (str(checkpoint), str(tmp_path / "run"), str(exported), "cim-test/tiny"):
+    sources = (checkpoint, tmp_path / "run", exported, saved)
+    for source in (*map(str, sources), "cim-test/tiny"):
         model = find_model(source)
         backbone = load_backbone(model)
         assert isinstance(backbone, CIMModel) and not backbone.training

@@ -4,8 +4,8 @@ A source is any of
 - a ``cim-pretrain`` run folder (``RUN``: the final model) or one of its checkpoints
   (``RUN/checkpoint-N``): ``config.json`` with ``model_type: "cim"`` and ``model.safetensors`` with
   ``enhancer.*`` keys (the generator and heads in it are ignored);
-- a folder written by ``cim-export`` (timm key names) or by
-  ``save_pretrained``;
+- a folder written by ``cim-export`` (timm's config with the CIMConfig under ``cim_config``, timm
+  key names) or by ``save_pretrained``;
 - a Hub repo id of either (``org/name``; ``--model_revision`` picks a branch, tag or commit).
 
 A run folder whose final model is not written yet gives its last ``checkpoint-N``. Every source
@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..configuration_cim import CIMConfig
+from ..configuration_cim import EXPORT_CONFIG_KEY, CIMConfig
 from ..modeling_cim import CIMForImageClassification, CIMModel
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -102,7 +102,8 @@ def find_model(source: str, revision: str | None = None) -> ModelSource:
             f"Cannot load {source!r}: it is not a local folder, and as a Hub repo id it failed "
             f"({err}). Check the name and the network (HF_HUB_OFFLINE), or pass a local folder."
         ) from err
-    if raw.get("model_type") != "cim":
+    # A checkpoint says model_type "cim"; a cim-export folder is timm's config with ours inside.
+    if raw.get("model_type") != "cim" and not isinstance(raw.get(EXPORT_CONFIG_KEY), dict):
         raise ValueError(
             f"{source} has model_type {raw.get('model_type')!r}, not 'cim'. Pass a CIM model: a "
             "cim-pretrain run or checkpoint, a folder cim-export wrote, or its "
