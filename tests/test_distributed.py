@@ -93,8 +93,9 @@ def test_two_process_resume_mid_epoch_ends_bitwise_equal(two_process_run, tmp_pa
 @pytest.mark.slow
 def test_fsdp2_with_knn_monitor_and_image_grids(tmp_path):
     """Two processes with the kNN monitor, image grids and the end-of-run statistics, which every
-    process joins. FSDP2 needs two GPUs: gloo has no reduce-scatter, and with --use_cpu the Trainer
-    runs the same flags as DDP, which this checks as the fallback."""
+    process joins. With two GPUs this is FSDP2. On CPUs accelerate never selects FSDP (its multi-CPU
+    mode does not shard, although torch's fully_shard itself runs on gloo), so with --use_cpu the
+    Trainer runs the same flags as DDP, which this checks as the fallback."""
     gpus = torch.cuda.device_count() >= 2
     run = tmp_path / "fsdp"
     fsdp = ["--fsdp", "full_shard", "--fsdp_config", '{"version": 2}']
