@@ -329,6 +329,7 @@ def _weights_architecture(weights: str | None) -> tuple[dict[str, int] | None, s
         return None, ""
     _check_weights_source(weights)
     if weights == "openai":
+        # Imported on use: converting OpenAI's release builds on this module's tokenizer.
         from .dall_e_openai import openai_weights_folder
 
         config_path = openai_weights_folder() / CONFIG_FILE
