@@ -215,8 +215,9 @@ def fit_tokenizer(
     num_images: int,
     args: CIMTrainingArguments,
 ) -> None:
-    """Fit a data-fitted tokenizer (the codebook) that is not fitted yet on the tokenizer views of
-    ``num_images`` training images. Every process fits the same codebook: same images, same seed."""
+    """Fit a data-fitted tokenizer (the codebook) that is not fitted yet on the tokenizer views
+    ``collator`` makes of ``num_images`` training images. Every process fits the same codebook:
+    same images, same seed."""
     tokenizer = model.tokenizer
     if not hasattr(tokenizer, "fit") or bool(getattr(tokenizer, "fitted", True)):
         return
@@ -282,7 +283,19 @@ def build_trainer(
     )
     collator = CIMDataCollator(two_views, masking)
     if not training_args.resume_from_checkpoint:  # a checkpoint holds the fitted tokenizer
-        fit_tokenizer(model, train, collator, model_args.tokenizer_fit_samples, training_args)
+        # The codebook describes whole images: crops down to 8% of the area are upsampled, blurry
+        # views, and fitting on them gave ResPix weaker features on real images (benchmarks/).
+        whole_images = TwoViewTransform(
+            config.image_size,
+            model.tokenizer_image_size,
+            config.image_mean,
+            config.image_std,
+            scale=(1.0, 1.0),
+            ratio=(1.0, 1.0),
+            hflip=0.0,
+        )
+        fit_collator = CIMDataCollator(whole_images, masking)
+        fit_tokenizer(model, train, fit_collator, model_args.tokenizer_fit_samples, training_args)
     knn_collator = ClassificationCollator(
         create_eval_transform(config.image_size, config.image_mean, config.image_std)
     )
