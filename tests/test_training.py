@@ -118,6 +118,14 @@ def test_base_learning_rate_scales_with_the_global_batch(tmp_path):
         parse_args([*FAST, "--learning_rate", "1e-3", "--base_learning_rate", "1e-3"])
 
 
+def test_pinned_memory_defaults_to_whether_a_gpu_exists_and_the_flag_wins(tmp_path):
+    args = parse_args([*FAST, "--output_dir", str(tmp_path)])[2]
+    assert args.dataloader_pin_memory == torch.cuda.is_available()
+    flag = str(not torch.cuda.is_available()).lower()
+    args = parse_args([*FAST, "--dataloader_pin_memory", flag, "--output_dir", str(tmp_path)])[2]
+    assert args.dataloader_pin_memory != torch.cuda.is_available()
+
+
 def test_own_data_without_a_preset_is_refused_listing_the_presets(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "run")])

@@ -331,6 +331,7 @@ def parse_finetune_args(
         output_dir=output_dir,
         remove_unused_columns=False,
         report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only speeds copies to a GPU
         **FINETUNE_PRESETS[pre.preset],
     )
     model_args, data_args, recipe, training_args = _parse(parser, argv)

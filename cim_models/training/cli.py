@@ -129,6 +129,7 @@ def parse_args(
         output_dir=f"cim-pretrain-{preset}",
         remove_unused_columns=False,
         report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only speeds copies to a GPU
         **PRESETS[preset],
     )
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
