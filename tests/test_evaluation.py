@@ -178,6 +178,8 @@ def test_every_model_source_loads_the_same_backbone(tmp_path, monkeypatch):
     pretraining = CIMForPreTraining(tiny_config(objective="revdet"))
     checkpoint = tmp_path / "run" / "checkpoint-4"
     pretraining.save_pretrained(checkpoint)  # enhancer.*, generator.*, enhancer_head.*
+    (checkpoint / "trainer_state.json").write_text("{}")  # what makes a checkpoint complete
+    (tmp_path / "run" / "checkpoint-8").mkdir()  # cut off while saving: no trainer_state.json
     exported = tmp_path / "exported"  # what cim-export writes: timm's config and key names
     export(checkpoint, exported)
     saved = tmp_path / "saved"  # a backbone saved with save_pretrained

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PretrainedConfig
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..configuration_cim import EXPORT_CONFIG_KEY, CIMConfig
 from ..modeling_cim import CIMForImageClassification, CIMModel
+from ..training.arguments import find_last_checkpoint
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -45,7 +45,7 @@ def resolve_source(source: str) -> str:
     if path.is_dir():
         if (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES):
             return str(path.resolve())
-        last = get_last_checkpoint(str(path))
+        last = find_last_checkpoint(path)  # skips a checkpoint cut off while saving
         if last is not None:
             return str(Path(last).resolve())
         raise ValueError(
